@@ -1,0 +1,318 @@
+//! The control API: handlers for `/v1/...`, `/healthz`, and the mapping of every failure to
+//! `{"error": {"code", "message"}}` with its status.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::pool::PoolStats;
+use crate::sessions::{Opened, SessionError, SessionRegistry};
+
+/// Requests are a vm_id and a target; anything near this size is not a real client.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An API failure, as the client sees it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(err: SessionError) -> Self {
+        let message = err.to_string();
+        match err {
+            SessionError::InvalidVmId(_) | SessionError::InvalidTarget(_) => {
+                ApiError::invalid(message)
+            }
+            SessionError::Pool(p) if p.is_exhausted() => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pool_exhausted", message)
+            }
+            SessionError::Pool(_) | SessionError::Listener { .. } => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "allocation_failed",
+                message,
+            ),
+            SessionError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub registry: Arc<SessionRegistry>,
+    /// `--public-host`; `None` means "the Host header of the request".
+    pub public_host: Option<String>,
+    pub max_sessions: usize,
+    pub started: Instant,
+}
+
+/// The API's routes; a plain function so tests can drive it without a socket.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/sessions", get(list_sessions).post(open_session))
+        .route(
+            "/v1/sessions/{vm_id}",
+            get(get_session).delete(close_session),
+        )
+        .route("/v1/status", get(status))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such API route; see GET /v1/status, /v1/sessions",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+#[derive(Deserialize)]
+struct OpenRequest {
+    vm_id: String,
+    target: String,
+}
+
+/// Bodies are JSON whatever the Content-Type; the message says what is wrong with one.
+fn parse_open(body: Result<Bytes, BytesRejection>) -> Result<OpenRequest, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024))
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {rejection}"))
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|err| {
+        use serde_json::error::Category;
+        match err.classify() {
+            Category::Data => ApiError::invalid(format!(
+                "{err}; expected {{\"vm_id\": \"...\", \"target\": \"host:port\"}}"
+            )),
+            _ => ApiError::invalid(format!(
+                "request body is not JSON ({err}); send {{\"vm_id\": \"...\", \"target\": \"host:port\"}}"
+            )),
+        }
+    })
+}
+
+/// The host console URLs name: `--public-host`, else the request's Host (port dropped), else
+/// this machine's name.
+fn url_host(state: &ApiState, headers: &HeaderMap) -> String {
+    if let Some(h) = &state.public_host {
+        return h.clone();
+    }
+    let from_header = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(host_without_port);
+    from_header.unwrap_or_else(machine_hostname)
+}
+
+fn host_without_port(authority: &str) -> Option<String> {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, _) = rest.split_once(']')?;
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        return Some(format!("[{v6}]"));
+    } else {
+        authority.split(':').next()?
+    };
+    let ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    ok.then(|| host.to_owned())
+}
+
+fn machine_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+async fn open_session(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request = parse_open(body)?;
+    let (session, opened) = state.registry.open(&request.vm_id, &request.target)?;
+    let status = match opened {
+        Opened::Created => StatusCode::CREATED,
+        Opened::Unchanged | Opened::Retargeted => StatusCode::OK,
+    };
+    let info = session.info(&url_host(&state, &headers));
+    Ok((status, Json(info)).into_response())
+}
+
+async fn list_sessions(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let host = url_host(&state, &headers);
+    let sessions: Vec<_> = state
+        .registry
+        .list()
+        .iter()
+        .map(|s| s.info(&host))
+        .collect();
+    Json(serde_json::json!({ "sessions": sessions })).into_response()
+}
+
+fn vm_id_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id)
+        .map_err(|err| ApiError::invalid(format!("bad vm_id in the path: {err}")))
+}
+
+async fn get_session(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let vm_id = vm_id_from(path)?;
+    let session = state
+        .registry
+        .get(&vm_id)
+        .ok_or(SessionError::NotFound(vm_id))?;
+    Ok(Json(session.info(&url_host(&state, &headers))).into_response())
+}
+
+async fn close_session(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let vm_id = vm_id_from(path)?;
+    state.registry.close(&vm_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub port_pool: PoolStatus,
+    pub max_sessions: usize,
+    pub active_sessions: usize,
+    pub active_connections: usize,
+    pub system_health: String,
+    pub warnings: Vec<String>,
+    pub uptime_s: u64,
+    pub version: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub total_ports: usize,
+    pub allocated_ports: usize,
+    pub free_ports: usize,
+    pub foreign_ports: usize,
+    pub utilization_percent: f64,
+}
+
+impl From<PoolStats> for PoolStatus {
+    fn from(s: PoolStats) -> Self {
+        let utilization = if s.total_ports == 0 {
+            0.0
+        } else {
+            (s.allocated_ports as f64 * 1000.0 / s.total_ports as f64).round() / 10.0
+        };
+        PoolStatus {
+            total_ports: s.total_ports,
+            allocated_ports: s.allocated_ports,
+            free_ports: s.free_ports,
+            foreign_ports: s.foreign_ports,
+            utilization_percent: utilization,
+        }
+    }
+}
+
+async fn status(State(state): State<ApiState>) -> Json<Status> {
+    let active_sessions = state.registry.len();
+    let mut warnings = Vec::new();
+    // 80% of the cap: time to act before opens start failing.
+    if active_sessions * 5 >= state.max_sessions * 4 {
+        warnings.push(format!(
+            "{active_sessions} of {} sessions in use (80% or more of --max-sessions)",
+            state.max_sessions
+        ));
+    }
+    Json(Status {
+        port_pool: state.registry.pool().stats().into(),
+        max_sessions: state.max_sessions,
+        active_sessions,
+        active_connections: state.registry.connection_count(),
+        system_health: if warnings.is_empty() {
+            "healthy"
+        } else {
+            "warning"
+        }
+        .into(),
+        warnings,
+        uptime_s: state.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_from_the_host_header() {
+        assert_eq!(
+            host_without_port("127.0.0.1:6080").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(host_without_port("[::1]:6080").as_deref(), Some("[::1]"));
+        assert_eq!(
+            host_without_port("vnc.example.com").as_deref(),
+            Some("vnc.example.com")
+        );
+        assert_eq!(host_without_port("evil/x"), None);
+        assert_eq!(host_without_port("[zz]:1"), None);
+    }
+}

@@ -1,0 +1,155 @@
+//! The running daemon: wires pool, registry, session servers and the control API together,
+//! and shuts them all down within a grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::pool::{self, PortPool};
+use crate::relay::RelaySettings;
+use crate::server::ServerContext;
+use crate::sessions::SessionRegistry;
+
+/// Shutdown must end within this, even with hundreds of live viewers.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "cannot listen for the control API on {addr}: {source} (is another vncgate running? choose another --api-listen)"
+    )]
+    ApiBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Raises the soft open-files limit to the hard limit: 800 sessions with viewers need
+/// thousands of descriptors. Returns the new soft limit.
+pub fn raise_nofile_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            info!(nofile = limit, "open-files limit");
+            Some(limit)
+        }
+        Err(err) => {
+            warn!(%err, "cannot raise the open-files limit");
+            None
+        }
+    }
+}
+
+/// A started daemon. Dropping it cancels everything; [`Daemon::shutdown`] also waits.
+pub struct Daemon {
+    api_addr: SocketAddr,
+    registry: Arc<SessionRegistry>,
+    root: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Daemon {
+    /// Binds the control API and starts serving. Call inside a tokio runtime.
+    pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        let root = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let pool = PortPool::new(
+            config.port_range.clone(),
+            config.max_sessions,
+            config.listen_host,
+        );
+        let ctx = Arc::new(ServerContext {
+            relay: RelaySettings {
+                ping_interval: config.ping_interval,
+                idle_timeout: config.idle_timeout,
+            },
+            max_viewers: config.max_connections_per_session,
+            tracker: tracker.clone(),
+            root: root.clone(),
+        });
+        let registry = SessionRegistry::new(pool, ctx);
+        let listener = pool::bind_listener(config.api_listen)
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| DaemonError::ApiBind {
+                addr: config.api_listen,
+                source,
+            })?;
+        let api_addr = listener.local_addr().unwrap_or(config.api_listen);
+        let app = api::router(ApiState {
+            registry: Arc::clone(&registry),
+            public_host: config.public_host.clone(),
+            max_sessions: config.max_sessions,
+            started: Instant::now(),
+        });
+        let stop = root.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(err) = served {
+                warn!(%err, "control API stopped");
+            }
+        });
+        if config.public_host.is_none() && api_addr.ip().is_loopback() {
+            warn!(
+                "--public-host is unset and the API is on loopback: console URLs name the host clients use to reach the API (e.g. 127.0.0.1)"
+            );
+        }
+        info!(
+            api = %api_addr,
+            listen_host = %config.listen_host,
+            port_range = %format!("{}-{}", config.port_range.start(), config.port_range.end()),
+            max_sessions = config.max_sessions,
+            "vncgate serving"
+        );
+        Ok(Daemon {
+            api_addr,
+            registry,
+            root,
+            tracker,
+        })
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    pub fn registry(&self) -> &Arc<SessionRegistry> {
+        &self.registry
+    }
+
+    /// Tasks still running (listeners, connections, the API).
+    pub fn task_count(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Stops accepting, closes viewers with 1001 `vncgate restarting` and waits for every task,
+    /// at most [`SHUTDOWN_GRACE`]. Returns false if some task did not finish in time.
+    pub async fn shutdown(self) -> bool {
+        self.root.cancel();
+        self.tracker.close();
+        let done = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_ok();
+        if done {
+            info!("vncgate stopped");
+        } else {
+            warn!(
+                tasks = self.tracker.len(),
+                "tasks still running after the shutdown grace period"
+            );
+        }
+        done
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.root.cancel();
+    }
+}

@@ -1,0 +1,115 @@
+//! `vncgate`: CLI parsing and dispatch. `serve` runs the daemon; the other commands are
+//! clients of its control API.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vncgate::client::ApiClient;
+use vncgate::config::ServeArgs;
+use vncgate::{Daemon, raise_nofile_limit};
+
+#[derive(Parser)]
+#[command(
+    name = "vncgate",
+    version,
+    about = "VNC consoles of many VMs in the browser, through one daemon"
+)]
+struct Cli {
+    /// Control API of the daemon (client commands)
+    #[arg(
+        long,
+        global = true,
+        env = "VNCGATE_API",
+        default_value = "http://127.0.0.1:6080"
+    )]
+    api: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon
+    Serve(ServeArgs),
+    /// Open (or retarget) the console session of a VM; prints its console url
+    Open {
+        vm_id: String,
+        /// VNC server: host:port, [v6]:port or unix:/path
+        target: String,
+        /// Print the whole Session as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close the console session of a VM
+    Close { vm_id: String },
+    /// List sessions
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show pool and session status
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("vncgate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = || ApiClient::new(&cli.api, std::env::var("VNCGATE_API_TOKEN").ok());
+    let output = match &cli.command {
+        Command::Serve(args) => return serve(args).await,
+        Command::Open {
+            vm_id,
+            target,
+            json,
+        } => client()?.open(vm_id, target, *json).await?,
+        Command::Close { vm_id } => client()?.close(vm_id).await?,
+        Command::List { json } => client()?.list(*json).await?,
+        Command::Status { json } => client()?.status(*json).await?,
+    };
+    println!("{output}");
+    Ok(())
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = args.resolve().context("invalid configuration")?;
+    raise_nofile_limit();
+    let daemon = Daemon::start(config).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    daemon.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! The WebSocket <-> VNC byte relay with backpressure, and the VNC target it connects to.
+//!
+//! Each direction reads, then awaits the write of what it read before reading again, so a
+//! side that stops reading stalls the other side's socket instead of growing a buffer here.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+
+/// How long connecting to a VNC server may take before the viewer is told it is unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes read from the VNC server per WebSocket frame: a framebuffer update arrives in few
+/// frames, and one buffer of this size per viewer bounds the memory a stalled browser costs.
+const CHUNK: usize = 64 * 1024;
+/// VNC client messages are small; clipboard text is the largest. Anything beyond this is junk.
+pub const MAX_CLIENT_MESSAGE: usize = 4 << 20;
+/// How long a close frame may take to go out before the connection is simply dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// tungstenite limits for a console connection: small eager buffers (an idle viewer costs little)
+/// and bounded incoming messages.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(CHUNK * 4)
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+}
+
+/// Where a session's WebSocket goes: a VNC server over TCP or a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `host` is kept without brackets; IPv6 literals get them back in [`fmt::Display`].
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
+
+/// Why a target string was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid target {input:?}: {reason}")]
+pub struct TargetError {
+    pub input: String,
+    pub reason: &'static str,
+}
+
+impl std::str::FromStr for Target {
+    type Err = TargetError;
+
+    /// `host:port`, `[v6]:port` (port 1-65535) or `unix:/absolute/path`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| TargetError {
+            input: s.to_owned(),
+            reason,
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') || path.len() < 2 {
+                return Err(err(
+                    "a unix target needs an absolute path: unix:/path/to/socket",
+                ));
+            }
+            if path.contains('\0') {
+                return Err(err("the socket path contains a NUL byte"));
+            }
+            return Ok(Target::Unix(PathBuf::from(path)));
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (v6, port) = rest
+                .split_once("]:")
+                .ok_or_else(|| err("expected [IPv6]:port"))?;
+            if v6.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(err("the part in brackets is not an IPv6 address"));
+            }
+            (v6, port)
+        } else {
+            let (host, port) = s
+                .rsplit_once(':')
+                .ok_or_else(|| err("missing port: expected host:port"))?;
+            if host.contains(':') {
+                return Err(err("an IPv6 address needs brackets: [::1]:5900"));
+            }
+            let valid = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_');
+            if !valid {
+                return Err(err("the host must be a host name or IP address"));
+            }
+            (host, port)
+        };
+        let port = match port.parse::<u16>() {
+            Ok(p) if p >= 1 => p,
+            _ => return Err(err("the port must be a number from 1 to 65535")),
+        };
+        Ok(Target::Tcp {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Target::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl serde::Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A connected VNC server.
+enum TargetStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Target {
+    async fn connect(&self) -> io::Result<TargetStream> {
+        match self {
+            Target::Tcp { host, port } => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                // VNC is interactive: a key press must not wait for Nagle.
+                stream.set_nodelay(true)?;
+                Ok(TargetStream::Tcp(stream))
+            }
+            Target::Unix(path) => Ok(TargetStream::Unix(UnixStream::connect(path).await?)),
+        }
+    }
+}
+
+/// Bytes relayed each way, shared with whoever reports them.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub to_client: AtomicU64,
+    pub to_server: AtomicU64,
+}
+
+/// Timers of one relayed connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaySettings {
+    pub ping_interval: Duration,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How a relay ended, for the log.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The VNC server closed its side.
+    ServerClosed,
+    /// The viewer sent a close frame.
+    ClientClosed,
+    /// The viewer's connection broke or it sent something that is not WebSocket.
+    ClientGone(String),
+    /// The viewer sent a message over [`MAX_CLIENT_MESSAGE`] or broke the protocol.
+    ClientMisbehaved(String),
+    /// Session closed, retargeted or daemon shutting down.
+    Cancelled,
+    PingTimeout,
+    IdleTimeout,
+    Unreachable(String),
+    TargetFailed(String),
+}
+
+/// Text of a connect error as a person reads it in a close reason.
+fn describe_connect_error(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::NotFound => "no such socket".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        io::ErrorKind::TimedOut => "timed out".into(),
+        _ => err.to_string(),
+    }
+}
+
+/// Close reasons are limited to 123 bytes by the protocol.
+fn close_message(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason[..end].to_owned().into(),
+    }))
+}
+
+/// Sends a close frame (if the connection still takes one) within [`CLOSE_GRACE`].
+pub async fn close_websocket<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_GRACE, ws.send(close_message(code, reason))).await;
+}
+
+/// Connects to `target` and relays until either side closes or `cancel` fires; on cancel the
+/// viewer gets the close frame `cancel_frame` returns (it knows why the session cancelled).
+pub async fn run_relay<S>(
+    mut ws: WebSocketStream<S>,
+    target: &Target,
+    cancel: &CancellationToken,
+    cancel_frame: impl FnOnce() -> (u16, &'static str),
+    traffic: &Traffic,
+    settings: RelaySettings,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let connected = tokio::select! {
+        r = tokio::time::timeout(CONNECT_TIMEOUT, target.connect()) => r,
+        _ = cancel.cancelled() => {
+            let (code, reason) = cancel_frame();
+            close_websocket(&mut ws, code, reason).await;
+            return Outcome::Cancelled;
+        }
+    };
+    let stream = match connected {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            let why = format!(
+                "VNC server {target} unreachable: {}",
+                describe_connect_error(&err)
+            );
+            close_websocket(&mut ws, 1011, &why).await;
+            return Outcome::Unreachable(why);
+        }
+        Err(_elapsed) => {
+            let why = format!("VNC server {target} unreachable: timed out");
+            close_websocket(&mut ws, 1011, &why).await;
+            return Outcome::Unreachable(why);
+        }
+    };
+    let outcome = match stream {
+        TargetStream::Tcp(s) => {
+            let (r, w) = s.into_split();
+            pump(&mut ws, r, w, cancel, traffic, settings).await
+        }
+        TargetStream::Unix(s) => {
+            let (r, w) = s.into_split();
+            pump(&mut ws, r, w, cancel, traffic, settings).await
+        }
+    };
+    // The VNC socket is closed by now (pump owned it), so the server has its EOF already.
+    match &outcome {
+        Outcome::ServerClosed => {
+            close_websocket(&mut ws, 1000, "VNC server closed the connection").await
+        }
+        Outcome::Cancelled => {
+            let (code, reason) = cancel_frame();
+            close_websocket(&mut ws, code, reason).await;
+        }
+        Outcome::ClientClosed => {
+            // Flushes tungstenite's queued reply to the viewer's close frame.
+            let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(None)).await;
+        }
+        Outcome::IdleTimeout => close_websocket(&mut ws, 1001, "idle timeout").await,
+        Outcome::PingTimeout => close_websocket(&mut ws, 1001, "keepalive timeout").await,
+        Outcome::ClientMisbehaved(why) => close_websocket(&mut ws, 1009, why).await,
+        Outcome::TargetFailed(why) => close_websocket(&mut ws, 1011, why).await,
+        Outcome::ClientGone(_) | Outcome::Unreachable(_) => {}
+    }
+    outcome
+}
+
+/// Relays until one side ends. Owns the VNC socket halves, so returning closes them.
+async fn pump<S, R, W>(
+    ws: &mut WebSocketStream<S>,
+    mut server_rx: R,
+    mut server_tx: W,
+    cancel: &CancellationToken,
+    traffic: &Traffic,
+    settings: RelaySettings,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let elapsed_ms = || start.elapsed().as_millis() as u64;
+    let last_pong = AtomicU64::new(0);
+    let last_data = AtomicU64::new(0);
+    let (mut sink, mut stream) = ws.split();
+
+    let to_client = async {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let mut ping =
+            tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                read = server_rx.read_buf(&mut buf) => match read {
+                    Ok(0) => return Outcome::ServerClosed,
+                    Ok(n) => {
+                        last_data.store(elapsed_ms(), Ordering::Relaxed);
+                        let frame = buf.split().freeze();
+                        if let Err(err) = sink.send(Message::Binary(frame)).await {
+                            return Outcome::ClientGone(err.to_string());
+                        }
+                        traffic.to_client.fetch_add(n as u64, Ordering::Relaxed);
+                        // Reclaims the same allocation once the frame has been written.
+                        buf.reserve(CHUNK);
+                    }
+                    Err(err) => return Outcome::TargetFailed(format!("VNC server connection failed: {err}")),
+                },
+                _ = ping.tick() => {
+                    let silent = elapsed_ms().saturating_sub(last_pong.load(Ordering::Relaxed));
+                    if silent > 2 * settings.ping_interval.as_millis() as u64 {
+                        return Outcome::PingTimeout;
+                    }
+                    if let Err(err) = sink.send(Message::Ping(Bytes::new())).await {
+                        return Outcome::ClientGone(err.to_string());
+                    }
+                }
+            }
+        }
+    };
+
+    let to_server = async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Binary(data))) => {
+                    last_data.store(elapsed_ms(), Ordering::Relaxed);
+                    if let Err(err) = server_tx.write_all(&data).await {
+                        return Outcome::TargetFailed(format!(
+                            "VNC server connection failed: {err}"
+                        ));
+                    }
+                    traffic
+                        .to_server
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                Some(Ok(Message::Pong(_))) => last_pong.store(elapsed_ms(), Ordering::Relaxed),
+                Some(Ok(Message::Close(_))) => return Outcome::ClientClosed,
+                // VNC is binary; text frames carry nothing the server could use. Pings are
+                // answered by tungstenite itself.
+                Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Frame(_))) => {}
+                Some(Err(err @ tungstenite::Error::Capacity(_))) => {
+                    return Outcome::ClientMisbehaved(format!("message too big: {err}"));
+                }
+                Some(Err(err @ tungstenite::Error::Protocol(_))) => {
+                    return Outcome::ClientMisbehaved(format!("protocol error: {err}"));
+                }
+                Some(Err(err)) => return Outcome::ClientGone(err.to_string()),
+                None => return Outcome::ClientGone("connection ended".into()),
+            }
+        }
+    };
+
+    let idle = async {
+        let Some(limit) = settings.idle_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let since = Duration::from_millis(last_data.load(Ordering::Relaxed));
+            let deadline = start + since + limit;
+            if Instant::now() >= deadline {
+                return Outcome::IdleTimeout;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+
+    let outcome = tokio::select! {
+        o = to_client => o,
+        o = to_server => o,
+        o = idle => o,
+        _ = cancel.cancelled() => Outcome::Cancelled,
+    };
+    // Hand EOF to the VNC server now rather than when the halves drop at return.
+    let _ = server_tx.shutdown().await;
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_display() {
+        let ok = [
+            ("127.0.0.1:5901", "127.0.0.1:5901"),
+            ("vm-host.example:5900", "vm-host.example:5900"),
+            ("[::1]:5900", "[::1]:5900"),
+            ("unix:/run/vnc/a.sock", "unix:/run/vnc/a.sock"),
+            ("localhost:65535", "localhost:65535"),
+        ];
+        for (input, shown) in ok {
+            let t: Target = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(t.to_string(), shown);
+        }
+        let bad = [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:70000",
+            ":5900",
+            "::1:5900",
+            "[::1]",
+            "[nothost]:5900",
+            "unix:",
+            "unix:relative.sock",
+            "a b:5900",
+            "host:port",
+            "",
+        ];
+        for input in bad {
+            assert!(
+                input.parse::<Target>().is_err(),
+                "{input} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn close_reasons_are_truncated_on_a_char_boundary() {
+        let long = "é".repeat(100);
+        match close_message(1011, &long) {
+            Message::Close(Some(frame)) => assert!(frame.reason.len() <= 123),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! One session port: the accept loop, HTTP routing, the WebSocket upgrade and its checks.
+//!
+//! Every request is handled against the [`Session`] the port serves; the checks (token,
+//! subprotocol, viewer cap) take the session as an argument, so a single public port that
+//! resolves the session from the token can reuse them unchanged.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::pool::PortLease;
+use crate::relay::{self, Outcome, RelaySettings};
+use crate::sessions::Session;
+
+/// A client that has not sent its request headers by then is dropped (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// After an accept error (EMFILE, ...) the loop waits this long instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a plain HTTP connection may take to finish its response when its session closes.
+const HTTP_DRAIN: Duration = Duration::from_secs(1);
+
+/// What every session server shares.
+#[derive(Debug)]
+pub struct ServerContext {
+    pub relay: RelaySettings,
+    pub max_viewers: usize,
+    pub tracker: TaskTracker,
+    /// Cancelled at shutdown; every session's token is a child.
+    pub root: CancellationToken,
+}
+
+/// Starts serving `session` on its pool port. The task owns the listener and the lease, so
+/// the port returns to the pool exactly when the listener is closed.
+pub fn spawn_session_server(
+    listener: std::net::TcpListener,
+    lease: PortLease,
+    session: Arc<Session>,
+    ctx: Arc<ServerContext>,
+) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::from_std(listener)?;
+    let tracker = ctx.tracker.clone();
+    Ok(tracker.spawn(serve_port(listener, lease, session, ctx)))
+}
+
+async fn serve_port(
+    listener: TcpListener,
+    lease: PortLease,
+    session: Arc<Session>,
+    ctx: Arc<ServerContext>,
+) {
+    loop {
+        tokio::select! {
+            _ = session.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    ctx.tracker.spawn(serve_connection(stream, peer, Arc::clone(&session), Arc::clone(&ctx)));
+                }
+                Err(err) => {
+                    warn!(vm_id = %session.vm_id, port = lease.port(), %err, "accept failed; backing off");
+                    tokio::select! {
+                        _ = session.cancelled() => break,
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+        }
+    }
+    drop(listener);
+    drop(lease);
+}
+
+type Body = Full<Bytes>;
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    session: Arc<Session>,
+    ctx: Arc<ServerContext>,
+) {
+    // Keystrokes and pointer events are tiny; they must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let svc_session = Arc::clone(&session);
+    let svc_ctx = Arc::clone(&ctx);
+    let service = hyper::service::service_fn(move |req| {
+        let session = Arc::clone(&svc_session);
+        let ctx = Arc::clone(&svc_ctx);
+        async move { Ok::<_, Infallible>(handle(req, peer, &session, &ctx)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                debug!(vm_id = %session.vm_id, port = session.port, %peer, %err, "http connection ended");
+            }
+        }
+        _ = session.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HTTP_DRAIN, conn).await;
+        }
+    }
+}
+
+fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    session: &Arc<Session>,
+    ctx: &Arc<ServerContext>,
+) -> Response<Body> {
+    if wants_websocket(req.headers()) {
+        return match accept_websocket(&mut req, session) {
+            Ok(response) => {
+                let upgrade = hyper::upgrade::on(req);
+                ctx.tracker.spawn(serve_viewer(
+                    upgrade,
+                    peer,
+                    Arc::clone(session),
+                    Arc::clone(ctx),
+                ));
+                response
+            }
+            Err(refusal) => {
+                info!(vm_id = %session.vm_id, port = session.port, %peer, reason = refusal.message, "websocket refused");
+                refusal.into_response()
+            }
+        };
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "session ports answer GET only",
+        );
+    }
+    match req.uri().path() {
+        "/" | "/vnc.html" => placeholder_page(session),
+        "/session" => match query_param(req.uri().query(), "token") {
+            Some(token) if session.token_matches(token) => json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "vm_id": session.vm_id }),
+            ),
+            Some(_) => forbidden("wrong token for this console session").into_response(),
+            None => {
+                forbidden("token missing: add ?token=... from the session's url").into_response()
+            }
+        },
+        _ => json_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such page on this console port",
+        ),
+    }
+}
+
+/// Until the console page lands: a real page saying which VM this port serves.
+fn placeholder_page(session: &Session) -> Response<Body> {
+    // vm_id is restricted to [A-Za-z0-9._:-], so it needs no HTML escaping.
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>vncgate: {vm}</title></head>\n\
+         <body><h1>vncgate console port {port}</h1>\n\
+         <p>This port serves the VNC console of VM <b>{vm}</b>. Connect a WebSocket VNC client \
+         (noVNC) to <code>/websockify?token=...</code> with the session's token.</p></body></html>\n",
+        vm = session.vm_id,
+        port = session.port
+    );
+    let mut response = Response::new(Full::new(Bytes::from(html)));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// A request that asks for a WebSocket, on any path (noVNC's default is `websockify`).
+fn wants_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        })
+}
+
+/// A refused upgrade: the HTTP answer given instead of 101.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn into_response(self) -> Response<Body> {
+        let mut response = json_error(self.status, self.code, &self.message);
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
+    }
+}
+
+fn forbidden(message: &str) -> Refusal {
+    Refusal {
+        status: StatusCode::FORBIDDEN,
+        code: "forbidden",
+        message: message.to_owned(),
+    }
+}
+
+fn bad_request(message: String) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_request",
+        message,
+    }
+}
+
+/// Checks a WebSocket request and builds the 101 answer. Nothing reaches the VNC server
+/// unless every check passes.
+fn accept_websocket(
+    req: &mut Request<Incoming>,
+    session: &Session,
+) -> Result<Response<Body>, Refusal> {
+    match query_param(req.uri().query(), "token") {
+        Some(token) if session.token_matches(token) => {}
+        Some(_) => return Err(forbidden("wrong token for this console session")),
+        None => return Err(forbidden("token missing: connect to /websockify?token=...")),
+    }
+    let headers = req.headers();
+    if req.method() != Method::GET {
+        return Err(bad_request("a WebSocket upgrade must be a GET".into()));
+    }
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if !connection_upgrade {
+        return Err(bad_request("missing Connection: Upgrade".into()));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(Refusal {
+            status: StatusCode::UPGRADE_REQUIRED,
+            code: "invalid_request",
+            message: "only WebSocket version 13 is supported".into(),
+        });
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(bad_request("missing Sec-WebSocket-Key".into()));
+    };
+    let protocol = choose_subprotocol(headers)?;
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = derive_accept_key(key.as_bytes());
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).map_err(|_| bad_request("bad Sec-WebSocket-Key".into()))?,
+    );
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    Ok(response)
+}
+
+/// `binary` when offered; no header when nothing is offered (noVNC >= 1.2, and Chrome aborts
+/// on a protocol it did not ask for); only other protocols (e.g. the dropped `base64`) is 400.
+fn choose_subprotocol(headers: &HeaderMap) -> Result<Option<&'static str>, Refusal> {
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        Ok(None)
+    } else if offered.iter().any(|p| p == "binary") {
+        Ok(Some("binary"))
+    } else {
+        Err(bad_request(format!(
+            "unsupported WebSocket subprotocol(s) {}: vncgate speaks only \"binary\" (or none)",
+            offered.join(", ")
+        )))
+    }
+}
+
+/// One viewer: completes the upgrade, enforces the viewer cap and relays.
+async fn serve_viewer(
+    upgrade: hyper::upgrade::OnUpgrade,
+    peer: SocketAddr,
+    session: Arc<Session>,
+    ctx: Arc<ServerContext>,
+) {
+    let upgraded = tokio::select! {
+        u = upgrade => match u {
+            Ok(u) => u,
+            Err(err) => {
+                debug!(vm_id = %session.vm_id, port = session.port, %peer, %err, "upgrade failed");
+                return;
+            }
+        },
+        _ = session.cancelled() => return,
+    };
+    let mut ws = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(relay::websocket_config()),
+    )
+    .await;
+    let Some(guard) = session.add_viewer(peer, ctx.max_viewers) else {
+        info!(vm_id = %session.vm_id, port = session.port, %peer, "viewer refused: too many viewers");
+        relay::close_websocket(&mut ws, 1013, "too many viewers").await;
+        return;
+    };
+    let ticket = session.ticket();
+    info!(vm_id = %session.vm_id, port = session.port, %peer, viewer = guard.viewer().id, target = %ticket.target, "viewer connected");
+    let outcome = relay::run_relay(
+        ws,
+        &ticket.target,
+        &ticket.cancel,
+        || session.cancel_frame(),
+        &guard.viewer().traffic,
+        ctx.relay,
+    )
+    .await;
+    let viewer = guard.viewer().id;
+    match &outcome {
+        Outcome::Unreachable(why) | Outcome::TargetFailed(why) => {
+            warn!(vm_id = %session.vm_id, port = session.port, %peer, viewer, reason = %why, "viewer closed")
+        }
+        other => {
+            info!(vm_id = %session.vm_id, port = session.port, %peer, viewer, outcome = ?other, "viewer closed")
+        }
+    }
+}
+
+/// The first value of `name` in a query string. Tokens are hex, so no percent-decoding is needed;
+/// an encoded token simply does not match.
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        &serde_json::json!({ "error": { "code": code, "message": message } }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("token=abc"), "token"), Some("abc"));
+        assert_eq!(query_param(Some("a=1&token=x&token=y"), "token"), Some("x"));
+        assert_eq!(query_param(Some("tokenx=1"), "token"), None);
+        assert_eq!(query_param(Some("token"), "token"), Some(""));
+        assert_eq!(query_param(None, "token"), None);
+    }
+
+    #[test]
+    fn subprotocols() {
+        let offer = |v: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(
+                    header::SEC_WEBSOCKET_PROTOCOL,
+                    HeaderValue::from_str(v).expect("header"),
+                );
+            }
+            choose_subprotocol(&h).map_err(|r| r.status)
+        };
+        assert_eq!(offer(None), Ok(None));
+        assert_eq!(offer(Some("binary")), Ok(Some("binary")));
+        assert_eq!(offer(Some("base64, binary")), Ok(Some("binary")));
+        assert_eq!(offer(Some("base64")), Err(StatusCode::BAD_REQUEST));
+    }
+}
