@@ -1,0 +1,411 @@
+//! Test helpers: a daemon on loopback with its own port block, a fake VNC server, an API client.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vncgate::{Config, Daemon};
+
+pub const GREETING: &[u8] = b"RFB 003.008\n";
+
+/// Runs a test body with a deadline, so no test can hang CI.
+pub async fn bounded<T>(limit: Duration, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("test exceeded its {limit:?} deadline"),
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A block of 1000 ports below the ephemeral range, held through a lock file so parallel tests
+/// and test processes never share one.
+pub struct PortBlock {
+    pub first: u16,
+    _lock: File,
+}
+
+impl PortBlock {
+    pub fn take() -> PortBlock {
+        let dir = std::env::temp_dir().join("vncgate-test-ports");
+        std::fs::create_dir_all(&dir).expect("create the port-block lock directory");
+        for i in 0..22u16 {
+            let first = 10_000 + i * 1000;
+            let file = File::create(dir.join(format!("block-{first}.lock"))).expect("lock file");
+            if file.try_lock().is_ok() {
+                return PortBlock { first, _lock: file };
+            }
+        }
+        panic!("no free test port block (22 in use)");
+    }
+
+    pub fn range(&self, len: u16) -> RangeInclusive<u16> {
+        assert!(len <= 999);
+        self.first..=self.first + len - 1
+    }
+
+    /// The block's last port, kept out of every range: for an API port of a daemon process.
+    pub fn spare(&self) -> u16 {
+        self.first + 999
+    }
+}
+
+/// A daemon running in this process on 127.0.0.1, stopped on drop.
+pub struct TestGate {
+    pub daemon: Option<Daemon>,
+    pub api: SocketAddr,
+    pub block: PortBlock,
+    pub http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestGate {
+    pub async fn start(ports: u16) -> TestGate {
+        Self::start_with(ports, |_| {}).await
+    }
+
+    pub async fn start_with(ports: u16, tweak: impl FnOnce(&mut Config)) -> TestGate {
+        vncgate::raise_nofile_limit();
+        let block = PortBlock::take();
+        let mut config = Config {
+            api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port_range: block.range(ports),
+            max_sessions: usize::from(ports),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let daemon = Daemon::start(config).await.expect("start the daemon");
+        let api = daemon.api_addr();
+        TestGate {
+            daemon: Some(daemon),
+            api,
+            block,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("daemon running")
+    }
+
+    /// One API request with a raw body; returns status and JSON (Null for an empty body).
+    pub async fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+        api_call(&self.http, self.api, method, path, body).await
+    }
+
+    pub async fn open(&self, vm_id: &str, target: &str) -> (u16, Value) {
+        let body = serde_json::json!({ "vm_id": vm_id, "target": target }).to_string();
+        self.call("POST", "/v1/sessions", Some(body.as_bytes()))
+            .await
+    }
+
+    /// Opens and asserts success; returns the Session.
+    pub async fn open_ok(&self, vm_id: &str, target: &str) -> Value {
+        let (status, session) = self.open(vm_id, target).await;
+        assert!(
+            status == 201 || status == 200,
+            "open {vm_id}: {status} {session}"
+        );
+        session
+    }
+
+    pub async fn close(&self, vm_id: &str) -> u16 {
+        self.call("DELETE", &format!("/v1/sessions/{vm_id}"), None)
+            .await
+            .0
+    }
+
+    pub async fn status(&self) -> Value {
+        self.call("GET", "/v1/status", None).await.1
+    }
+
+    pub async fn session_count(&self) -> usize {
+        let (_, v) = self.call("GET", "/v1/sessions", None).await;
+        v["sessions"].as_array().map_or(0, Vec::len)
+    }
+}
+
+pub async fn api_call(
+    http: &Client<HttpConnector, Full<Bytes>>,
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> (u16, Value) {
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{api}{path}"))
+        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+        .expect("request");
+    let response = http.request(req).await.expect("API reachable");
+    let status = response.status().as_u16();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("API body")
+        .to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("non-JSON answer: {}", String::from_utf8_lossy(&bytes)))
+    };
+    (status, value)
+}
+
+/// What a fake VNC server does after its greeting.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Echo everything back.
+    Echo,
+    /// Stream this many bytes of a counting pattern, then hold the connection open.
+    Stream(u64),
+}
+
+/// What happened on a fake VNC server's connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    Connected,
+    /// The proxy closed its side; the bytes it had sent.
+    Eof(u64),
+}
+
+/// A fake VNC server: sends the RFB greeting, then echoes or streams.
+pub struct FakeVnc {
+    pub target: String,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    pub accepted: Arc<AtomicUsize>,
+    pub written: Arc<AtomicU64>,
+    /// Cancel to make the server drop every connection (the "VNC server closed" case).
+    pub drop_all: CancellationToken,
+    stop: CancellationToken,
+    socket_path: Option<PathBuf>,
+}
+
+impl Drop for FakeVnc {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(p) = &self.socket_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+enum AnyListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl FakeVnc {
+    pub async fn tcp(mode: Mode) -> FakeVnc {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake VNC");
+        let target = l.local_addr().expect("addr").to_string();
+        Self::run(AnyListener::Tcp(l), target, mode, None)
+    }
+
+    pub async fn tcp6(mode: Mode) -> FakeVnc {
+        let l = TcpListener::bind("[::1]:0")
+            .await
+            .expect("bind fake VNC on [::1] (IPv6 loopback is needed for this test)");
+        let target = format!("[::1]:{}", l.local_addr().expect("addr").port());
+        Self::run(AnyListener::Tcp(l), target, mode, None)
+    }
+
+    pub async fn unix(mode: Mode) -> FakeVnc {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vncgate-fake-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).expect("bind fake VNC unix socket");
+        let target = format!("unix:{}", path.display());
+        Self::run(AnyListener::Unix(l), target, mode, Some(path))
+    }
+
+    fn run(
+        listener: AnyListener,
+        target: String,
+        mode: Mode,
+        socket_path: Option<PathBuf>,
+    ) -> FakeVnc {
+        let (tx, events) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let drop_all = CancellationToken::new();
+        let (a, w, s, d) = (
+            accepted.clone(),
+            written.clone(),
+            stop.clone(),
+            drop_all.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let conn: Box<dyn Conn> = tokio::select! {
+                    _ = s.cancelled() => return,
+                    c = accept(&listener) => match c { Some(c) => c, None => return },
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.send(Event::Connected);
+                let (tx, w, s, d) = (tx.clone(), w.clone(), s.clone(), d.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        received = serve(conn, mode, w) => { let _ = tx.send(Event::Eof(received)); }
+                        _ = s.cancelled() => {}
+                        _ = d.cancelled() => {}
+                    }
+                });
+            }
+        });
+        FakeVnc {
+            target,
+            events,
+            accepted,
+            written,
+            drop_all,
+            stop,
+            socket_path,
+        }
+    }
+
+    /// The next event within `limit`.
+    pub async fn next_event(&mut self, limit: Duration) -> Option<Event> {
+        tokio::time::timeout(limit, self.events.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+async fn accept(l: &AnyListener) -> Option<Box<dyn Conn>> {
+    match l {
+        AnyListener::Tcp(l) => l
+            .accept()
+            .await
+            .ok()
+            .map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+        AnyListener::Unix(l) => l
+            .accept()
+            .await
+            .ok()
+            .map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+    }
+}
+
+/// Returns the bytes received before EOF.
+async fn serve(mut conn: Box<dyn Conn>, mode: Mode, written: Arc<AtomicU64>) -> u64 {
+    if conn.write_all(GREETING).await.is_err() {
+        return 0;
+    }
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    match mode {
+        Mode::Echo => loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return received,
+                Ok(n) => {
+                    received += n as u64;
+                    if conn.write_all(&buf[..n]).await.is_err() {
+                        return received;
+                    }
+                }
+            }
+        },
+        Mode::Stream(total) => {
+            let (mut rx, mut tx) = tokio::io::split(conn);
+            let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+            let writer = async {
+                let mut sent = 0u64;
+                while sent < total {
+                    let n = chunk.len().min((total - sent) as usize);
+                    if tx.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    sent += n as u64;
+                    written.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                std::future::pending::<()>().await
+            };
+            let reader = async {
+                loop {
+                    match rx.read(&mut buf).await {
+                        Ok(0) | Err(_) => return received,
+                        Ok(n) => received += n as u64,
+                    }
+                }
+            };
+            tokio::select! {
+                r = reader => r,
+                _ = writer => received,
+            }
+        }
+    }
+}
+
+/// A small deterministic generator for chunk sizes and payloads (no extra dependency).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Descriptors open in process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident set of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
