@@ -1,6 +1,7 @@
 //! `vncgate`: CLI parsing and dispatch. `serve` runs the daemon; the other commands are
 //! clients of its control API.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -94,6 +95,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = args.resolve().context("invalid configuration")?;
     raise_nofile_limit();

@@ -409,3 +409,103 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// The `vncgate` binary running as its own process (for RSS and descriptor counts), killed by
+/// PID on drop.
+pub struct DaemonProcess {
+    pub child: std::process::Child,
+    pub api: SocketAddr,
+    pub block: PortBlock,
+    pub http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl DaemonProcess {
+    pub async fn spawn(ports: u16, extra: &[&str]) -> DaemonProcess {
+        let block = PortBlock::take();
+        let api = SocketAddr::from((Ipv4Addr::LOCALHOST, block.spare()));
+        let range = block.range(ports);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+            .arg("serve")
+            .arg("--api-listen")
+            .arg(api.to_string())
+            .arg("--listen-host")
+            .arg("127.0.0.1")
+            .arg("--port-range")
+            .arg(format!("{}-{}", range.start(), range.end()))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start the vncgate binary");
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        let mut process = DaemonProcess {
+            child,
+            api,
+            block,
+            http,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let req = hyper::Request::get(format!("http://{api}/healthz"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            if let Ok(r) = process.http.request(req).await
+                && r.status() == 200
+            {
+                break;
+            }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("vncgate exited early: {status}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "vncgate did not answer /healthz within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        process
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Value) {
+        api_call(&self.http, self.api, method, path, body).await
+    }
+
+    pub async fn open_ok(&self, vm_id: &str, target: &str) -> Value {
+        let body = serde_json::json!({ "vm_id": vm_id, "target": target }).to_string();
+        let (status, session) = self
+            .call("POST", "/v1/sessions", Some(body.as_bytes()))
+            .await;
+        assert!(
+            status == 201 || status == 200,
+            "open {vm_id}: {status} {session}"
+        );
+        session
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The descriptors of process `pid` and what they point at, for a failure message.
+pub fn fd_list(pid: u32) -> String {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return String::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .map(|e| {
+            let target = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!("{}->{}", e.file_name().to_string_lossy(), target)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

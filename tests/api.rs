@@ -1,0 +1,220 @@
+//! The control API: the pool under load, foreign ports, bad input, error shapes.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{FakeVnc, Mode, TestGate, bounded};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nine_hundred_sessions_from_32_clients_get_distinct_ports() {
+    bounded(Duration::from_secs(120), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = Arc::new(TestGate::start_with(900, |c| c.max_sessions = 900).await);
+        let mut clients = Vec::new();
+        for client in 0..32 {
+            let gate = Arc::clone(&gate);
+            let target = fake.target.clone();
+            clients.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in (client..900).step_by(32) {
+                    let (status, session) = gate.open(&format!("vm-{i}"), &target).await;
+                    got.push((status, session["ws_port"].as_u64()));
+                }
+                got
+            }));
+        }
+        let mut ports = HashSet::new();
+        for c in clients {
+            for (status, port) in c.await.expect("client task") {
+                assert_eq!(status, 201);
+                let port = port.expect("ws_port");
+                assert!(
+                    gate.block.range(900).contains(&(port as u16)),
+                    "{port} outside the range"
+                );
+                assert!(ports.insert(port), "port {port} handed out twice");
+            }
+        }
+        assert_eq!(ports.len(), 900);
+        let (status, err) = gate.open("vm-901", &fake.target).await;
+        assert_eq!(status, 503, "{err}");
+        assert_eq!(err["error"]["code"], "pool_exhausted");
+        let message = err["error"]["message"].as_str().expect("message");
+        let range = gate.block.range(900);
+        assert!(
+            message.contains(&format!("{}-{}", range.start(), range.end())),
+            "{message}"
+        );
+        assert!(message.contains("900"), "names the cap: {message}");
+        let status = gate.status().await;
+        assert_eq!(status["port_pool"]["allocated_ports"], 900);
+        assert_eq!(status["port_pool"]["free_ports"], 0);
+        assert_eq!(status["active_sessions"], 900);
+        assert_eq!(status["system_health"], "warning");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ports_held_elsewhere_are_skipped_and_counted() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start(10).await;
+        let first = gate.block.first;
+        let _held: Vec<std::net::TcpListener> = [first, first + 3]
+            .iter()
+            .map(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).expect("hold a pool port"))
+            .collect();
+        let mut ports = Vec::new();
+        for i in 0..3 {
+            let s = gate.open_ok(&format!("vm-{i}"), &fake.target).await;
+            ports.push(s["ws_port"].as_u64().expect("port") as u16);
+        }
+        assert_eq!(ports, vec![first + 1, first + 2, first + 4]);
+        let pool = gate.status().await["port_pool"].clone();
+        assert_eq!(pool["total_ports"], 10);
+        assert_eq!(pool["allocated_ports"], 3);
+        assert_eq!(pool["foreign_ports"], 2);
+        assert_eq!(pool["free_ports"], 5);
+        assert_eq!(pool["utilization_percent"], 30.0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_and_changes_nothing() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start(4).await;
+        let before = gate.open_ok("vm-keep", &fake.target).await;
+        let t = fake.target.as_str();
+        let json =
+            |vm: &str, target: &str| serde_json::json!({"vm_id": vm, "target": target}).to_string();
+        let long_id = "a".repeat(129);
+        let huge = format!(
+            "{{\"vm_id\": \"vm-x\", \"target\": \"{t}\", \"pad\": \"{}\"}}",
+            "x".repeat(70 * 1024)
+        );
+        let cases: Vec<(String, &str)> = vec![
+            ("{not json".into(), "not JSON"),
+            (format!("vm_id=vm-x&target={t}"), "not JSON"),
+            ("".into(), "not JSON"),
+            ("[]".into(), "expected"),
+            ("{\"vm_id\": \"vm-x\"}".into(), "missing field `target`"),
+            (format!("{{\"target\": \"{t}\"}}"), "missing field `vm_id`"),
+            (
+                "{\"vm_id\": 5, \"target\": \"127.0.0.1:5900\"}".into(),
+                "invalid type",
+            ),
+            (json("", t), "invalid vm_id"),
+            (json(&long_id, t), "invalid vm_id"),
+            (json("vm/1", t), "invalid vm_id"),
+            (json("vm 1", t), "invalid vm_id"),
+            (json(".vm", t), "invalid vm_id"),
+            (json("vm-x", "127.0.0.1"), "missing port"),
+            (json("vm-x", "127.0.0.1:0"), "port must be"),
+            (json("vm-x", "127.0.0.1:70000"), "port must be"),
+            (json("vm-x", "::1:5900"), "brackets"),
+            (json("vm-x", "unix:relative"), "absolute path"),
+            (json("vm-keep", "nonsense"), "missing port"),
+            (huge, "exceeds 64 KiB"),
+        ];
+        for (body, want) in &cases {
+            let (status, err) = gate
+                .call("POST", "/v1/sessions", Some(body.as_bytes()))
+                .await;
+            let shown: String = body.chars().take(60).collect();
+            assert_eq!(status, 400, "{shown}: {err}");
+            assert_eq!(err["error"]["code"], "invalid_request", "{shown}");
+            let message = err["error"]["message"].as_str().expect("message");
+            assert!(
+                message.contains(want),
+                "{shown}: {message:?} should mention {want:?}"
+            );
+        }
+        let (_, list) = gate.call("GET", "/v1/sessions", None).await;
+        let sessions = list["sessions"].as_array().expect("sessions");
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0]["target"], before["target"]);
+        assert_eq!(sessions[0]["token"], before["token"]);
+        let pool = gate.status().await["port_pool"].clone();
+        assert_eq!(pool["allocated_ports"], 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_error_is_the_json_error_object() {
+    bounded(Duration::from_secs(30), async {
+        let gate = TestGate::start(2).await;
+        let cases = [
+            ("GET", "/nope", 404, "not_found"),
+            ("GET", "/v1/sessions/vm-none", 404, "not_found"),
+            ("DELETE", "/v1/sessions/vm-none", 404, "not_found"),
+            ("PUT", "/v1/sessions", 405, "method_not_allowed"),
+            ("POST", "/v1/status", 405, "method_not_allowed"),
+            ("PATCH", "/v1/sessions/vm-1", 405, "method_not_allowed"),
+        ];
+        for (method, path, want_status, want_code) in cases {
+            let (status, body) = gate.call(method, path, None).await;
+            assert_eq!(status, want_status, "{method} {path}");
+            assert_eq!(body["error"]["code"], want_code, "{method} {path}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        let (status, _) = gate.call("GET", "/healthz", None).await;
+        assert_eq!(status, 200);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sessions_carry_urls_for_the_host_the_client_used() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start(2).await;
+        let s = gate.open_ok("vm-url", &fake.target).await;
+        let port = s["ws_port"].as_u64().expect("port");
+        let token = s["token"].as_str().expect("token");
+        assert_eq!(
+            s["url"],
+            format!("http://127.0.0.1:{port}/vnc.html#token={token}")
+        );
+        assert_eq!(
+            s["ws_url"],
+            format!("ws://127.0.0.1:{port}/websockify?token={token}")
+        );
+        assert!(humantime::parse_rfc3339(s["created_at"].as_str().expect("created_at")).is_ok());
+        for key in ["connections", "bytes_to_client", "bytes_to_server"] {
+            assert_eq!(s[key], 0, "{key}");
+        }
+        let gate =
+            TestGate::start_with(2, |c| c.public_host = Some("vnc.example.net".into())).await;
+        let s = gate.open_ok("vm-url", &fake.target).await;
+        assert!(
+            s["url"]
+                .as_str()
+                .expect("url")
+                .starts_with("http://vnc.example.net:")
+        );
+        // The session port answers plain HTTP with a page naming the VM.
+        let base = format!("127.0.0.1:{}", s["ws_port"]).parse().expect("addr");
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let response = http
+            .get(format!("http://{base}/vnc.html").parse().expect("uri"))
+            .await
+            .expect("page");
+        assert_eq!(response.status(), 200);
+        let (status, _) = common::api_call(&gate.http, base, "GET", "/nope", None).await;
+        assert_eq!(status, 404);
+    })
+    .await;
+}
