@@ -5,4 +5,10 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -q -- -D warnings
-cargo test -q
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test -q 2>&1 | tee "$log"
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "all test binaries: %d passed, %d failed\n", p, f }' "$log"

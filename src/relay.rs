@@ -279,7 +279,14 @@ where
         }
         Outcome::IdleTimeout => close_websocket(&mut ws, 1001, "idle timeout").await,
         Outcome::PingTimeout => close_websocket(&mut ws, 1001, "keepalive timeout").await,
-        Outcome::ClientMisbehaved(why) => close_websocket(&mut ws, 1009, why).await,
+        Outcome::ClientMisbehaved(why) => {
+            let code = if why.starts_with("message too big") {
+                1009
+            } else {
+                1002
+            };
+            close_websocket(&mut ws, code, why).await;
+        }
         Outcome::TargetFailed(why) => close_websocket(&mut ws, 1011, why).await,
         Outcome::ClientGone(_) | Outcome::Unreachable(_) => {}
     }
@@ -328,10 +335,6 @@ where
                     Err(err) => return Outcome::TargetFailed(format!("VNC server connection failed: {err}")),
                 },
                 _ = ping.tick() => {
-                    let silent = elapsed_ms().saturating_sub(last_pong.load(Ordering::Relaxed));
-                    if silent > 2 * settings.ping_interval.as_millis() as u64 {
-                        return Outcome::PingTimeout;
-                    }
                     if let Err(err) = sink.send(Message::Ping(Bytes::new())).await {
                         return Outcome::ClientGone(err.to_string());
                     }
@@ -371,6 +374,20 @@ where
         }
     };
 
+    // Apart from the ping sender: a viewer that stopped reading blocks the sender in `send`, and
+    // must still be dropped once it has not answered for two intervals.
+    let keepalive = async {
+        let limit = 2 * settings.ping_interval;
+        loop {
+            let since = Duration::from_millis(last_pong.load(Ordering::Relaxed));
+            let deadline = start + since + limit;
+            if Instant::now() >= deadline {
+                return Outcome::PingTimeout;
+            }
+            tokio::time::sleep_until(deadline + Duration::from_millis(1)).await;
+        }
+    };
+
     let idle = async {
         let Some(limit) = settings.idle_timeout else {
             return std::future::pending().await;
@@ -388,6 +405,7 @@ where
     let outcome = tokio::select! {
         o = to_client => o,
         o = to_server => o,
+        o = keepalive => o,
         o = idle => o,
         _ = cancel.cancelled() => Outcome::Cancelled,
     };

@@ -487,3 +487,88 @@ async fn garbage_on_a_session_port_or_the_api_disturbs_nothing() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_that_stops_answering_pings_is_dropped() {
+    bounded(Duration::from_secs(30), async {
+        let mut fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start_with(2, |c| c.ping_interval = Duration::from_millis(200)).await;
+        let session = gate.open_ok("vm-ping", &fake.target).await;
+        let url = session["ws_url"].as_str().expect("ws_url").to_owned();
+
+        // A live viewer keeps reading, so tungstenite answers every ping.
+        let mut live = connect(&url).await;
+        assert_eq!(
+            fake.next_event(Duration::from_secs(5)).await,
+            Some(Event::Connected)
+        );
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+        let reader = tokio::spawn(async move {
+            let mut pings = 0;
+            loop {
+                tokio::select! {
+                    m = live.next() => match m {
+                        Some(Ok(Message::Ping(_))) => pings += 1,
+                        Some(Ok(Message::Close(f))) => panic!("live viewer closed: {f:?}"),
+                        Some(Ok(_)) => {}
+                        other => panic!("live viewer ended: {other:?}"),
+                    },
+                    _ = &mut done_rx => return (live, pings),
+                }
+            }
+        });
+
+        // A frozen viewer never reads again after connecting.
+        let frozen = connect(&url).await;
+        assert_eq!(
+            fake.next_event(Duration::from_secs(5)).await,
+            Some(Event::Connected)
+        );
+        let start = Instant::now();
+        let event = fake.next_event(Duration::from_secs(3)).await;
+        assert_eq!(
+            event,
+            Some(Event::Eof(0)),
+            "the frozen viewer's VNC connection is closed"
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300),
+            "dropped too early: {took:?}"
+        );
+
+        let _ = done_tx.send(());
+        let (mut live, pings) = reader.await.expect("reader");
+        assert!(pings >= 2, "pings seen by the live viewer: {pings}");
+        live.send(Message::binary(b"alive".to_vec()))
+            .await
+            .expect("send");
+        loop {
+            match live.next().await.expect("frame").expect("ok") {
+                Message::Binary(b) => {
+                    assert_eq!(b.as_ref(), b"alive");
+                    break;
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        drop(frozen);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_a_silent_connection() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate =
+            TestGate::start_with(2, |c| c.idle_timeout = Some(Duration::from_millis(300))).await;
+        let session = gate.open_ok("vm-idle", &fake.target).await;
+        let mut ws = connect(session["ws_url"].as_str().expect("ws_url")).await;
+        let (frame, took) = next_close(&mut ws, Duration::from_secs(5)).await;
+        assert_eq!(code_and_reason(&frame), (1001, "idle timeout".into()));
+        assert!(took >= Duration::from_millis(250), "{took:?}");
+    })
+    .await;
+}
