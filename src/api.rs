@@ -189,7 +189,7 @@ async fn open_session(
         Opened::Created => StatusCode::CREATED,
         Opened::Unchanged | Opened::Retargeted => StatusCode::OK,
     };
-    let info = session.info(&url_host(&state, &headers));
+    let info = session.info(&url_host(&state, &headers), state.registry.bundled_page());
     Ok((status, Json(info)).into_response())
 }
 
@@ -199,7 +199,7 @@ async fn list_sessions(State(state): State<ApiState>, headers: HeaderMap) -> Res
         .registry
         .list()
         .iter()
-        .map(|s| s.info(&host))
+        .map(|s| s.info(&host, state.registry.bundled_page()))
         .collect();
     Json(serde_json::json!({ "sessions": sessions })).into_response()
 }
@@ -219,7 +219,8 @@ async fn get_session(
         .registry
         .get(&vm_id)
         .ok_or(SessionError::NotFound(vm_id))?;
-    Ok(Json(session.info(&url_host(&state, &headers))).into_response())
+    let info = session.info(&url_host(&state, &headers), state.registry.bundled_page());
+    Ok(Json(info).into_response())
 }
 
 async fn close_session(

@@ -37,6 +37,8 @@ pub struct Config {
     pub max_connections_per_session: usize,
     /// Close a WebSocket that carried no data frame for this long.
     pub idle_timeout: Option<Duration>,
+    /// Directory to serve instead of the bundled console page.
+    pub web: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             ping_interval: DEFAULT_PING_INTERVAL,
             max_connections_per_session: DEFAULT_MAX_CONNECTIONS_PER_SESSION,
             idle_timeout: None,
+            web: None,
         }
     }
 }
@@ -109,6 +112,9 @@ pub struct ServeArgs {
     /// Close a WebSocket with no data frames for this long, e.g. 30m [default: off]
     #[arg(long, env = "VNCGATE_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Directory to serve instead of the bundled console page, e.g. /usr/share/novnc
+    #[arg(long, env = "VNCGATE_WEB")]
+    pub web: Option<PathBuf>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -131,6 +137,7 @@ struct FileConfig {
     max_connections_per_session: Option<toml::Value>,
     #[serde(alias = "idle_timeout")]
     idle_timeout: Option<String>,
+    web: Option<PathBuf>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -195,6 +202,16 @@ impl ServeArgs {
         }
         if let Some(v) = pick(&self.idle_timeout, file.idle_timeout) {
             config.idle_timeout = parse_duration("--idle-timeout", &v)?;
+        }
+        if let Some(dir) = self.web.clone().or(file.web) {
+            if !dir.join("vnc.html").is_file() {
+                return Err(invalid(
+                    "--web",
+                    &dir.display().to_string(),
+                    "the directory must hold a vnc.html (e.g. /usr/share/novnc from Debian's novnc package)",
+                ));
+            }
+            config.web = Some(dir);
         }
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)

@@ -15,6 +15,7 @@ use crate::pool::{self, PortPool};
 use crate::relay::RelaySettings;
 use crate::server::ServerContext;
 use crate::sessions::SessionRegistry;
+use crate::web::WebRoot;
 
 /// Shutdown must end within this, even with hundreds of live viewers.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -69,6 +70,10 @@ impl Daemon {
                 idle_timeout: config.idle_timeout,
             },
             max_viewers: config.max_connections_per_session,
+            web: match &config.web {
+                Some(dir) => WebRoot::Dir(dir.clone()),
+                None => WebRoot::Bundled,
+            },
             tracker: tracker.clone(),
             root: root.clone(),
         });

@@ -11,6 +11,7 @@
 //! - [`sessions`]: the session registry: open, retarget and close, with rollback.
 //! - [`server`]: one session port: accept loop, HTTP routing, WebSocket upgrade, token check.
 //! - [`relay`]: WebSocket <-> VNC byte relay with backpressure, and VNC target parsing.
+//! - [`web`]: console page assets: lookup, MIME types, caching.
 //! - [`api`]: control API handlers and the JSON error mapping.
 //! - [`daemon`]: wires the pieces into a running daemon and shuts it down.
 //! - [`client`]: the CLI's client of the control API.
@@ -24,6 +25,7 @@ pub mod pool;
 pub mod relay;
 pub mod server;
 pub mod sessions;
+pub mod web;
 
 pub use config::Config;
 pub use daemon::{Daemon, DaemonError, raise_nofile_limit};

@@ -9,8 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -27,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::pool::PortLease;
 use crate::relay::{self, Outcome, RelaySettings};
 use crate::sessions::Session;
+use crate::web::{self, Body, WebRoot, full};
 
 /// A client that has not sent its request headers by then is dropped (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +39,8 @@ const HTTP_DRAIN: Duration = Duration::from_secs(1);
 pub struct ServerContext {
     pub relay: RelaySettings,
     pub max_viewers: usize,
+    /// What plain GETs are served from.
+    pub web: WebRoot,
     pub tracker: TaskTracker,
     /// Cancelled at shutdown; every session's token is a child.
     pub root: CancellationToken,
@@ -85,8 +86,6 @@ async fn serve_port(
     drop(lease);
 }
 
-type Body = Full<Bytes>;
-
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -100,7 +99,7 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |req| {
         let session = Arc::clone(&svc_session);
         let ctx = Arc::clone(&svc_ctx);
-        async move { Ok::<_, Infallible>(handle(req, peer, &session, &ctx)) }
+        async move { Ok::<_, Infallible>(handle(req, peer, &session, &ctx).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -121,7 +120,7 @@ async fn serve_connection(
     }
 }
 
-fn handle(
+async fn handle(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     session: &Arc<Session>,
@@ -153,7 +152,6 @@ fn handle(
         );
     }
     match req.uri().path() {
-        "/" | "/vnc.html" => placeholder_page(session),
         "/session" => match query_param(req.uri().query(), "token") {
             Some(token) if session.token_matches(token) => json_response(
                 StatusCode::OK,
@@ -164,33 +162,8 @@ fn handle(
                 forbidden("token missing: add ?token=... from the session's url").into_response()
             }
         },
-        _ => json_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such page on this console port",
-        ),
+        _ => web::serve(&ctx.web, req).await,
     }
-}
-
-/// Until the console page lands: a real page saying which VM this port serves.
-fn placeholder_page(session: &Session) -> Response<Body> {
-    // vm_id is restricted to [A-Za-z0-9._:-], so it needs no HTML escaping.
-    let html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>vncgate: {vm}</title></head>\n\
-         <body><h1>vncgate console port {port}</h1>\n\
-         <p>This port serves the VNC console of VM <b>{vm}</b>. Connect a WebSocket VNC client \
-         (noVNC) to <code>/websockify?token=...</code> with the session's token.</p></body></html>\n",
-        vm = session.vm_id,
-        port = session.port
-    );
-    let mut response = Response::new(Full::new(Bytes::from(html)));
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
 }
 
 /// A request that asks for a WebSocket, on any path (noVNC's default is `websockify`).
@@ -282,7 +255,7 @@ fn accept_websocket(
         return Err(bad_request("missing Sec-WebSocket-Key".into()));
     };
     let protocol = choose_subprotocol(headers)?;
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(full(""));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -382,7 +355,7 @@ pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

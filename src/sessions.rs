@@ -213,7 +213,7 @@ impl Session {
     }
 
     /// A snapshot for the API. `host` is what console URLs name.
-    pub fn info(&self, host: &str) -> SessionInfo {
+    pub fn info(&self, host: &str, bundled_page: bool) -> SessionInfo {
         let viewers: Vec<ViewerInfo> = {
             let live = lock(&self.viewers);
             let mut v: Vec<ViewerInfo> = live
@@ -236,7 +236,16 @@ impl Session {
             vm_id: self.vm_id.clone(),
             target: self.target(),
             ws_port: self.port,
-            url: format!("http://{authority}/vnc.html#token={}", self.token),
+            url: if bundled_page {
+                // The fragment never reaches a server or proxy log.
+                format!("http://{authority}/vnc.html#token={}", self.token)
+            } else {
+                // Another app (Debian's noVNC) reads the WebSocket path from the query.
+                format!(
+                    "http://{authority}/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D{}",
+                    self.token
+                )
+            },
             ws_url: format!("ws://{authority}/websockify?token={}", self.token),
             token: self.token.clone(),
             created_at: rfc3339(self.created_at),
@@ -293,6 +302,11 @@ impl SessionRegistry {
             by_vm: DashMap::new(),
             ctx,
         })
+    }
+
+    /// True when session ports serve the bundled console page (it takes the token from `#`).
+    pub fn bundled_page(&self) -> bool {
+        self.ctx.web.is_bundled()
     }
 
     pub fn pool(&self) -> &Arc<PortPool> {
