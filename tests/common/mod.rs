@@ -509,3 +509,6 @@ pub fn fd_list(pid: u32) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+pub mod rfb;
+pub mod vnc;

@@ -1,0 +1,257 @@
+//! The console end to end: real VNC servers (Xvnc, QEMU), the vncgate binary, and the page in
+//! Debian's headless Chromium. The canvas bitmap must equal a direct RFB read of the same server.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::rfb::{Screen, Transport, diff, match_ratio, read_screen};
+use common::vnc::{Qemu, Scratch, TERM_BG_RGB, Xvnc, require, settled_screen};
+use common::{DaemonProcess, bounded};
+use serde_json::{Value, json};
+
+const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
+
+fn e2e_dir() -> PathBuf {
+    PathBuf::from(MANIFEST).join("tests/e2e")
+}
+
+/// Screenshots and canvas dumps stay here after the run (target/tmp/e2e).
+fn out_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+fn tools_present(extra: &[&str]) -> bool {
+    let playwright = e2e_dir().join("node_modules/playwright-core/package.json");
+    let novnc = PathBuf::from(MANIFEST).join("static/node_modules/@novnc/novnc/core/rfb.js");
+    let mut tools = vec![
+        "/usr/bin/chromium",
+        "node",
+        playwright.to_str().unwrap_or(""),
+        novnc.to_str().unwrap_or(""),
+    ];
+    tools.extend_from_slice(extra);
+    require(&tools)
+}
+
+/// Runs the Chromium driver (bounded, killed on drop) and returns its JSON result.
+async fn drive(spec: Value) -> Value {
+    let mut child = tokio::process::Command::new("node")
+        .arg(e2e_dir().join("console.mjs"))
+        .arg(spec.to_string())
+        .current_dir(e2e_dir())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start node");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut out = String::new();
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        stdout
+            .read_to_string(&mut out)
+            .await
+            .expect("driver output");
+        child.wait().await.expect("driver exit")
+    };
+    let status = tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .expect("the browser driver finished in 120 s");
+    assert!(status.success(), "driver failed: {status}: {out}");
+    let line = out.lines().last().unwrap_or_default();
+    let result: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("driver said: {out}"));
+    assert_eq!(result["errors"], json!([]), "page errors: {result}");
+    assert_eq!(
+        result["external"],
+        json!([]),
+        "requests outside the daemon: {result}"
+    );
+    result
+}
+
+fn canvas(name: &str, when: &str) -> Vec<u8> {
+    let path = out_dir().join(format!("{name}-{when}.rgba"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn assert_matches(name: &str, when: &str, screen: &Screen) {
+    let ratio = match_ratio(&canvas(name, when), screen);
+    eprintln!(
+        "{name} {when}: {:.3}% of canvas pixels equal the direct RFB read",
+        ratio * 100.0
+    );
+    assert!(
+        ratio >= 0.99,
+        "{name} {when}: only {:.2}% of pixels match",
+        ratio * 100.0
+    );
+}
+
+/// Bounding box of the typing xterm, found by its unique background colour.
+fn term_box(s: &Screen) -> (usize, usize, usize, usize) {
+    let [r, g, b] = TERM_BG_RGB;
+    let mut bb = (usize::MAX, usize::MAX, 0, 0);
+    for (i, p) in s.pixels.chunks_exact(4).enumerate() {
+        if p[..3] == [b, g, r] {
+            let (x, y) = (i % s.width, i / s.width);
+            bb = (bb.0.min(x), bb.1.min(y), bb.2.max(x), bb.3.max(y));
+        }
+    }
+    bb
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xvnc_console_in_chromium_shows_the_screen_and_takes_keys() {
+    if !tools_present(&["Xvnc", "xterm", "xsetroot"]) {
+        return;
+    }
+    bounded(Duration::from_secs(240), async {
+        let scratch = Scratch::new("e2e-xvnc");
+        let desktop_name = "e2e <b>desk</b> & co";
+        let mut xvnc = Xvnc::start(&scratch.0, desktop_name).await;
+        let before = xvnc.draw_desktop().await;
+        let daemon = DaemonProcess::spawn(4, &[]).await;
+        let session = daemon
+            .open_ok("vm-xvnc", &format!("unix:{}", xvnc.socket.display()))
+            .await;
+        let url = session["url"].as_str().expect("url");
+        assert!(url.contains("/vnc.html#token="), "{url}");
+        let term = term_box(&before);
+        assert!(term.0 < term.2, "the xterm is on the screen");
+        let at = [
+            (term.0 + term.2) as f64 / 2.0 / before.width as f64,
+            (term.1 + term.3) as f64 / 2.0 / before.height as f64,
+        ];
+        let result = drive(json!({
+            "url": url, "outDir": out_dir(), "name": "xvnc",
+            "width": before.width, "height": before.height, "app": "bundled",
+            "action": { "kind": "type", "text": "echo vncgate-e2e-ok", "at": at },
+        }))
+        .await;
+        assert_eq!(result["state"], "connected", "{result}");
+        assert_eq!(result["vm"], "vm-xvnc");
+        assert_eq!(
+            result["desktopName"], desktop_name,
+            "the desktop name is shown as text"
+        );
+        assert_eq!(
+            result["desktopNameElements"], 0,
+            "no markup from the VNC server is rendered"
+        );
+        assert_matches("xvnc", "before", &before);
+
+        let after = settled_screen(&xvnc.socket, Duration::from_secs(10), |_| true).await;
+        assert_matches("xvnc", "after", &after);
+        let (changed, bbox) = diff(&before, &after);
+        let bbox = bbox.expect("typing changed the screen");
+        eprintln!("typing changed {changed} pixels in {bbox:?}; the xterm spans {term:?}");
+        assert!(changed > 200, "only {changed} pixels changed");
+        assert!(
+            bbox.0 >= term.0 && bbox.1 >= term.1 && bbox.2 <= term.2 && bbox.3 <= term.3,
+            "the change {bbox:?} lies outside the xterm {term:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_seabios_console_in_chromium_shows_the_screen_and_takes_esc() {
+    if !tools_present(&["qemu-system-x86_64"]) {
+        return;
+    }
+    bounded(Duration::from_secs(240), async {
+        let scratch = Scratch::new("e2e-qemu");
+        let qemu = Qemu::start(&scratch.0).await;
+        // SeaBIOS's banner and "Press ESC for boot menu." in light grey on black.
+        let before = settled_screen(&qemu.socket, Duration::from_secs(60), |s| {
+            s.pixels
+                .chunks_exact(4)
+                .filter(|p| p[..3] != [0, 0, 0])
+                .count()
+                > 1000
+        })
+        .await;
+        let daemon = DaemonProcess::spawn(4, &[]).await;
+        let session = daemon
+            .open_ok("vm-qemu", &format!("unix:{}", qemu.socket.display()))
+            .await;
+        let result = drive(json!({
+            "url": session["url"], "outDir": out_dir(), "name": "qemu",
+            "width": before.width, "height": before.height, "app": "bundled",
+            "action": { "kind": "key", "key": "Escape" },
+        }))
+        .await;
+        assert_eq!(result["state"], "connected", "{result}");
+        assert_eq!(result["desktopName"], "QEMU");
+        assert_matches("qemu", "before", &before);
+        let after = settled_screen(&qemu.socket, Duration::from_secs(10), |_| true).await;
+        assert_matches("qemu", "after", &after);
+        let (changed, _) = diff(&before, &after);
+        eprintln!("Esc changed {changed} pixels (the boot menu)");
+        assert!(
+            changed > 500,
+            "the boot menu did not appear: {changed} pixels changed"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debians_novnc_app_connects_through_web_dir() {
+    if !tools_present(&["Xvnc", "xterm", "xsetroot", "/usr/share/novnc/vnc.html"]) {
+        return;
+    }
+    bounded(Duration::from_secs(240), async {
+        let scratch = Scratch::new("e2e-web");
+        let mut xvnc = Xvnc::start(&scratch.0, "e2e web").await;
+        let screen = xvnc.draw_desktop().await;
+        let daemon = DaemonProcess::spawn(2, &["--web", "/usr/share/novnc"]).await;
+        let session = daemon
+            .open_ok("vm-web", &format!("unix:{}", xvnc.socket.display()))
+            .await;
+        let url = session["url"].as_str().expect("url");
+        assert!(
+            url.contains("/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D"),
+            "{url}"
+        );
+        drive(json!({
+            "url": url, "outDir": out_dir(), "name": "novnc-app",
+            "width": screen.width, "height": screen.height, "app": "novnc", "action": null,
+        }))
+        .await;
+        assert_matches("novnc-app", "before", &screen);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rfb_client_through_the_proxy_reads_what_a_direct_client_reads() {
+    if !require(&["Xvnc", "xterm", "xsetroot"]) {
+        return;
+    }
+    bounded(Duration::from_secs(120), async {
+        let scratch = Scratch::new("e2e-rfb");
+        let mut xvnc = Xvnc::start(&scratch.0, "rfb byte for byte").await;
+        xvnc.draw_desktop().await;
+        let daemon = DaemonProcess::spawn(2, &[]).await;
+        let session = daemon
+            .open_ok("vm-rfb", &format!("unix:{}", xvnc.socket.display()))
+            .await;
+        let direct = read_screen(Transport::unix(&xvnc.socket).await).await;
+        let proxied =
+            read_screen(Transport::websocket(session["ws_url"].as_str().expect("ws_url")).await)
+                .await;
+        assert_eq!(
+            direct.handshake, proxied.handshake,
+            "version and security bytes"
+        );
+        assert_eq!(direct.server_init, proxied.server_init, "ServerInit bytes");
+        assert_eq!(direct.name, "rfb byte for byte");
+        assert_eq!((direct.width, direct.height), (800, 600));
+        assert!(direct.pixels == proxied.pixels, "framebuffer bytes differ");
+    })
+    .await;
+}
