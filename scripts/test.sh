@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/deps.sh --test
+
 cargo fmt --all -- --check
 cargo clippy --all-targets -q -- -D warnings
 

@@ -13,6 +13,7 @@ const MAX_BACKOFF_MS = 30000;
 let rfb = null;
 let attempt = 0;
 let retryTimer = null;
+let countdownTimer = null;
 let vmId = '';
 // Exposed for tests and for people debugging in the console.
 window.vncgate = { state: 'connecting', lastClose: null, rfb: () => rfb };
@@ -77,17 +78,15 @@ function scheduleReconnect(why) {
     setState('error', `${why}. Reconnecting in ${left} s…`);
   };
   tick();
-  const countdown = setInterval(tick, 1000);
-  retryTimer = setTimeout(() => { clearInterval(countdown); connect(); }, delay);
-  retryTimer.countdown = countdown;
+  countdownTimer = setInterval(tick, 1000);
+  retryTimer = setTimeout(connect, delay);
 }
 
 function cancelReconnect() {
-  if (retryTimer) {
-    clearTimeout(retryTimer);
-    clearInterval(retryTimer.countdown);
-    retryTimer = null;
-  }
+  clearTimeout(retryTimer);
+  clearInterval(countdownTimer);
+  retryTimer = null;
+  countdownTimer = null;
 }
 
 async function onDisconnect(close, securityFailure) {
@@ -203,6 +202,9 @@ $('clipboard-send').addEventListener('click', () => {
     rfb.focus();
   }
 });
+
+// A new token in the fragment is a new console: start over with it.
+window.addEventListener('hashchange', () => location.reload());
 
 askSession().then((session) => {
   if (session.ok) {

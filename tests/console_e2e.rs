@@ -255,3 +255,94 @@ async fn an_rfb_client_through_the_proxy_reads_what_a_direct_client_reads() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_asks_for_the_vnc_password_and_shares_the_clipboard() {
+    if !tools_present(&["Xvnc", "xterm", "xsetroot", "vncpasswd", "xclip"]) {
+        return;
+    }
+    bounded(Duration::from_secs(240), async {
+        let scratch = Scratch::new("e2e-password");
+        let xvnc = Xvnc::start_with_password(&scratch.0, "locked", "s3cret-pw").await;
+        let daemon = DaemonProcess::spawn(2, &[]).await;
+        let session = daemon.open_ok("vm-locked", &format!("unix:{}", xvnc.socket.display())).await;
+        let result = drive(json!({
+            "url": session["url"], "outDir": out_dir(), "name": "password", "app": "bundled",
+            "capture": false, "width": 800, "height": 600, "display": xvnc.display,
+            "steps": [
+                { "op": "waitVisible", "selector": "#credentials" },
+                { "op": "fill", "selector": "#password", "value": "wrong-pw" },
+                { "op": "click", "selector": "#credentials button[type=submit]" },
+                { "op": "waitStatus", "contains": "refused the connection" },
+                { "op": "record", "selector": "#status", "as": "refusal" },
+                { "op": "click", "selector": "#btn-reconnect" },
+                { "op": "waitVisible", "selector": "#credentials" },
+                { "op": "fill", "selector": "#password", "value": "s3cret-pw" },
+                { "op": "click", "selector": "#credentials button[type=submit]" },
+                { "op": "waitState", "state": "connected" },
+                // VM -> browser: something in the VM owns the clipboard.
+                { "op": "spawn", "cmd": "xclip", "args": ["-quiet", "-selection", "clipboard", "-i"], "stdin": "copied in the VM" },
+                { "op": "click", "selector": "#btn-clipboard" },
+                { "op": "waitValue", "selector": "#clipboard-text", "equals": "copied in the VM" },
+                // Browser -> VM.
+                { "op": "fill", "selector": "#clipboard-text", "value": "pasted from the browser" },
+                { "op": "click", "selector": "#clipboard-send" },
+                // The page must stay open: the VM asks it for the text when an app pastes.
+                { "op": "waitExec", "cmd": "xclip", "args": ["-o", "-selection", "clipboard"], "expect": "pasted from the browser" },
+            ],
+        }))
+        .await;
+        eprintln!("wrong password: {}", result["refusal"]);
+        assert!(result["refusal"].as_str().is_some_and(|s| s.contains("refused")), "{result}");
+        assert_eq!(result["stepsDone"], 16, "{result}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_explains_closes_and_reconnects_by_itself() {
+    if !tools_present(&["Xvnc", "xterm", "xsetroot"]) {
+        return;
+    }
+    bounded(Duration::from_secs(240), async {
+        let scratch = Scratch::new("e2e-reconnect");
+        let mut xvnc = Xvnc::start(&scratch.0, "reconnects").await;
+        xvnc.draw_desktop().await;
+        let daemon = DaemonProcess::spawn(2, &[]).await;
+        let target = format!("unix:{}", xvnc.socket.display());
+        let session = daemon.open_ok("vm-heal", &target).await;
+        let url = session["url"].as_str().expect("url");
+        let port = session["ws_port"].as_u64().expect("port");
+        let open = |t: &str| json!({ "op": "api", "method": "POST", "path": "/v1/sessions", "status": 200, "body": { "vm_id": "vm-heal", "target": t } });
+        let result = drive(json!({
+            "url": url, "outDir": out_dir(), "name": "reconnect", "app": "bundled",
+            "capture": false, "width": 800, "height": 600, "api": format!("http://{}", daemon.api),
+            "steps": [
+                { "op": "waitState", "state": "connected" },
+                // Retarget to a dead socket: 1012, then reconnects that fail with the reason.
+                open("unix:/nonexistent/vnc.sock"),
+                { "op": "waitStatus", "contains": "unreachable: no such socket" },
+                { "op": "waitStatus", "contains": "Reconnecting in" },
+                { "op": "record", "selector": "#status", "as": "unreachable" },
+                // Back to the real server: the page heals without a click.
+                open(&target),
+                { "op": "waitState", "state": "connected" },
+                // A wrong token is named as such (the browser itself only sees 1006).
+                { "op": "goto", "url": format!("http://127.0.0.1:{port}/vnc.html#token=wrong") },
+                { "op": "waitStatus", "contains": "Wrong token" },
+                { "op": "record", "selector": "#status", "as": "wrongToken" },
+                // Closing the session ends it for good.
+                { "op": "goto", "url": url },
+                { "op": "waitState", "state": "connected" },
+                { "op": "api", "method": "DELETE", "path": "/v1/sessions/vm-heal", "status": 204 },
+                { "op": "waitState", "state": "closed" },
+                { "op": "record", "selector": "#status", "as": "closed" },
+            ],
+        }))
+        .await;
+        eprintln!("statuses: {} | {} | {}", result["unreachable"], result["closed"], result["wrongToken"]);
+        assert!(result["closed"].as_str().is_some_and(|s| s.starts_with("Session closed")), "{result}");
+        assert_eq!(result["stepsDone"], 15, "{result}");
+    })
+    .await;
+}

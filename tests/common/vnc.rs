@@ -136,6 +136,38 @@ pub struct Xvnc {
 
 impl Xvnc {
     pub async fn start(dir: &Path, desktop_name: &str) -> Xvnc {
+        Self::launch(dir, desktop_name, &["-SecurityTypes", "None"]).await
+    }
+
+    /// Xvnc that asks for a VNC password.
+    pub async fn start_with_password(dir: &Path, desktop_name: &str, password: &str) -> Xvnc {
+        use std::io::Write;
+        let file = dir.join("passwd");
+        let mut child = Command::new("vncpasswd")
+            .arg("-f")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start vncpasswd");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{password}\n").as_bytes())
+            .expect("write the password");
+        let out = child.wait_with_output().expect("vncpasswd");
+        assert!(out.status.success(), "vncpasswd failed");
+        std::fs::write(&file, out.stdout).expect("write the password file");
+        let file = file.display().to_string();
+        Self::launch(
+            dir,
+            desktop_name,
+            &["-SecurityTypes", "VncAuth", "-PasswordFile", &file],
+        )
+        .await
+    }
+
+    async fn launch(dir: &Path, desktop_name: &str, security: &[&str]) -> Xvnc {
         let socket = dir.join("xvnc.sock");
         // A display number nobody uses; Xvnc refuses one whose lock exists, so try the next.
         for n in 0..200u32 {
@@ -150,8 +182,6 @@ impl Xvnc {
                 .args([
                     "-rfbport",
                     "-1",
-                    "-SecurityTypes",
-                    "None",
                     "-geometry",
                     "800x600",
                     "-depth",
@@ -159,6 +189,7 @@ impl Xvnc {
                     "-nolisten",
                     "tcp",
                 ])
+                .args(security)
                 .arg("-rfbunixpath")
                 .arg(&socket)
                 .arg("-desktop")

@@ -1,7 +1,9 @@
 // Drives Debian's Chromium (headless) through one console session for tests/console_e2e.rs.
 // Usage: node console.mjs '<json spec>'; prints one JSON result line.
-// Spec: { url, outDir, name, width, height, app: "bundled" | "novnc",
-//         action: null | { kind: "type", text, at: [fx, fy] } | { kind: "key", key } }
+// Spec: { url, outDir, name, width, height, app: "bundled" | "novnc", capture: true,
+//         action: null | { kind: "type", text, at: [fx, fy] } | { kind: "key", key },
+//         display, api, steps: [ { op, ... } ] }  (steps: see runStep below)
+import { execFile, spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -62,8 +64,8 @@ try {
   };
   const notBlank = (px) => { for (let i = 0; i < px.length; i += 4) if (px[i] || px[i + 1] || px[i + 2]) return true; return false; };
 
-  const before = await settled(notBlank, 'first picture');
-  writeFileSync(join(spec.outDir, `${spec.name}-before.rgba`), before);
+  const before = spec.capture === false ? null : await settled(notBlank, 'first picture');
+  if (before) writeFileSync(join(spec.outDir, `${spec.name}-before.rgba`), before);
   await page.screenshot({ path: join(spec.outDir, `${spec.name}-before.png`) });
   if (spec.app === 'bundled') {
     result.state = await page.evaluate(() => window.vncgate.state);
@@ -90,6 +92,64 @@ try {
     const after = await settled((px) => differing(before, px) > 50, 'change after the input');
     writeFileSync(join(spec.outDir, `${spec.name}-after.rgba`), after);
     await page.screenshot({ path: join(spec.outDir, `${spec.name}-after.png`) });
+  }
+
+  // Scripted steps, each bounded; the first failure ends the run with an error.
+  const children = [];
+  const waitFor = async (what, check) => {
+    const until = deadline(20000);
+    // A check may run into a navigation (the page reloads on a new token): that is a "not yet".
+    while (!(await check().catch(() => false))) {
+      if (Date.now() > until) {
+        throw new Error(`step timed out: ${what}; status: ${await page.textContent('#status').catch(() => '?')}`);
+      }
+      await page.waitForTimeout(100);
+    }
+  };
+  const runStep = async (step) => {
+    switch (step.op) {
+      case 'goto': return page.goto(step.url);
+      case 'waitState': return waitFor(`state ${step.state}`, () => page.evaluate((s) => window.vncgate && window.vncgate.state === s, step.state));
+      case 'waitStatus': return waitFor(`status ~ ${step.contains}`, async () => ((await page.textContent('#status')) || '').includes(step.contains));
+      case 'waitVisible': return page.waitForSelector(step.selector, { state: 'visible', timeout: 20000 });
+      case 'waitValue': return waitFor(`${step.selector} = ${step.equals}`, async () => (await page.inputValue(step.selector)) === step.equals);
+      case 'fill': return page.fill(step.selector, step.value);
+      case 'click': return page.click(step.selector);
+      case 'spawn': {
+        // A helper on the VM's display (xclip); killed when the driver ends.
+        const child = spawn(step.cmd, step.args, { env: { ...process.env, DISPLAY: spec.display }, stdio: ['pipe', 'ignore', 'ignore'] });
+        child.stdin.end(step.stdin || '');
+        children.push(child);
+        return null;
+      }
+      case 'waitExec': {
+        // Polls a command on the VM's display until it prints `expect` (e.g. xclip -o).
+        const run = () => new Promise((resolve) => {
+          execFile(step.cmd, step.args, { env: { ...process.env, DISPLAY: spec.display }, timeout: 3000 },
+            (err, stdout) => resolve(err ? null : stdout));
+        });
+        return waitFor(`${step.cmd} prints ${step.expect}`, async () => (await run()) === step.expect);
+      }
+      case 'api': {
+        const r = await fetch(spec.api + step.path, { method: step.method, body: step.body ? JSON.stringify(step.body) : undefined });
+        if (r.status !== step.status) throw new Error(`${step.method} ${step.path}: HTTP ${r.status}`);
+        return null;
+      }
+      case 'record': {
+        result[step.as] = await page.textContent(step.selector);
+        return null;
+      }
+      default: throw new Error(`unknown step ${step.op}`);
+    }
+  };
+  try {
+    for (const [i, step] of (spec.steps || []).entries()) {
+      await runStep(step);
+      result.stepsDone = i + 1;
+    }
+    if (spec.steps) await page.screenshot({ path: join(spec.outDir, `${spec.name}-steps.png`) });
+  } finally {
+    for (const c of children) c.kill();
   }
 } catch (e) {
   result.errors.push(String(e && e.stack || e));
