@@ -64,6 +64,9 @@ impl From<SessionError> for ApiError {
                 message,
             ),
             SessionError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+            SessionError::Coordination(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "coordination_failed", message)
+            }
         }
     }
 }
@@ -184,7 +187,10 @@ async fn open_session(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_open(body)?;
-    let (session, opened) = state.registry.open(&request.vm_id, &request.target)?;
+    let (session, opened) = state
+        .registry
+        .open(&request.vm_id, &request.target)
+        .await?;
     let status = match opened {
         Opened::Created => StatusCode::CREATED,
         Opened::Unchanged | Opened::Retargeted => StatusCode::OK,
@@ -273,7 +279,7 @@ impl From<PoolStats> for PoolStatus {
 
 async fn status(State(state): State<ApiState>) -> Json<Status> {
     let active_sessions = state.registry.len();
-    let mut warnings = Vec::new();
+    let mut warnings = state.registry.warnings();
     // 80% of the cap: time to act before opens start failing.
     if active_sessions * 5 >= state.max_sessions * 4 {
         warnings.push(format!(

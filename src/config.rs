@@ -39,6 +39,10 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// Directory to serve instead of the bundled console page.
     pub web: Option<PathBuf>,
+    /// The durable session table; `<file>.lock` guards one daemon per file.
+    pub state_file: PathBuf,
+    /// Move an unusable state file aside and start with no sessions instead of refusing.
+    pub start_empty: bool,
 }
 
 impl Default for Config {
@@ -53,6 +57,8 @@ impl Default for Config {
             max_connections_per_session: DEFAULT_MAX_CONNECTIONS_PER_SESSION,
             idle_timeout: None,
             web: None,
+            state_file: PathBuf::from("vncgate-state.json"),
+            start_empty: false,
         }
     }
 }
@@ -115,6 +121,12 @@ pub struct ServeArgs {
     /// Directory to serve instead of the bundled console page, e.g. /usr/share/novnc
     #[arg(long, env = "VNCGATE_WEB")]
     pub web: Option<PathBuf>,
+    /// Durable session table [default: vncgate-state.json in the working directory]
+    #[arg(long, env = "VNCGATE_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+    /// When the state file is unusable: move it aside and start with no sessions
+    #[arg(long, env = "VNCGATE_START_EMPTY")]
+    pub start_empty: bool,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -138,6 +150,10 @@ struct FileConfig {
     #[serde(alias = "idle_timeout")]
     idle_timeout: Option<String>,
     web: Option<PathBuf>,
+    #[serde(alias = "state_file")]
+    state_file: Option<PathBuf>,
+    #[serde(alias = "start_empty")]
+    start_empty: Option<bool>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -213,6 +229,13 @@ impl ServeArgs {
             }
             config.web = Some(dir);
         }
+        if let Some(path) = self.state_file.clone().or(file.state_file) {
+            if path.as_os_str().is_empty() {
+                return Err(invalid("--state-file", "", "must name a file"));
+            }
+            config.state_file = path;
+        }
+        config.start_empty = self.start_empty || file.start_empty.unwrap_or(false);
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)
     }

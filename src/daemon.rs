@@ -15,6 +15,7 @@ use crate::pool::{self, PortPool};
 use crate::relay::RelaySettings;
 use crate::server::ServerContext;
 use crate::sessions::SessionRegistry;
+use crate::state::{self, CommitError, StateError, StateLock};
 use crate::web::WebRoot;
 
 /// Shutdown must end within this, even with hundreds of live viewers.
@@ -22,6 +23,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot write the restored session table: {0}")]
+    FirstWrite(CommitError),
     #[error(
         "cannot listen for the control API on {addr}: {source} (is another vncgate running? choose another --api-listen)"
     )]
@@ -52,11 +57,16 @@ pub struct Daemon {
     registry: Arc<SessionRegistry>,
     root: CancellationToken,
     tracker: TaskTracker,
+    _lock: StateLock,
 }
 
 impl Daemon {
-    /// Binds the control API and starts serving. Call inside a tokio runtime.
+    /// Locks and loads the state file, binds every stored session again, writes the table, and
+    /// only then binds the control API: when `/healthz` answers, the sessions are back. Call
+    /// inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        let lock = state::acquire_lock(&config.state_file)?;
+        let records = state::load(&config.state_file, config.start_empty)?;
         let root = CancellationToken::new();
         let tracker = TaskTracker::new();
         let pool = PortPool::new(
@@ -77,7 +87,13 @@ impl Daemon {
             tracker: tracker.clone(),
             root: root.clone(),
         });
-        let registry = SessionRegistry::new(pool, ctx);
+        let registry = SessionRegistry::new(pool, ctx, config.state_file.clone());
+        let stored = records.len();
+        registry.restore(records);
+        if stored > 0 {
+            info!(stored, restored = registry.len(), state_file = %config.state_file.display(), "sessions restored");
+        }
+        registry.write_now().await.map_err(DaemonError::FirstWrite)?;
         let listener = pool::bind_listener(config.api_listen)
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|source| DaemonError::ApiBind {
@@ -117,6 +133,7 @@ impl Daemon {
             registry,
             root,
             tracker,
+            _lock: lock,
         })
     }
 
@@ -133,14 +150,26 @@ impl Daemon {
         self.tracker.len()
     }
 
-    /// Stops accepting, closes viewers with 1001 `vncgate restarting` and waits for every task,
-    /// at most [`SHUTDOWN_GRACE`]. Returns false if some task did not finish in time.
+    /// Stops accepting, closes viewers with 1001 `vncgate restarting`, waits for every task (at
+    /// most [`SHUTDOWN_GRACE`]) and writes the table a last time. Sessions stay in the table: a
+    /// restart brings them back. Returns false if some task did not finish or the write failed.
     pub async fn shutdown(self) -> bool {
         self.root.cancel();
         self.tracker.close();
-        let done = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+        let mut done = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
             .is_ok();
+        match tokio::time::timeout(state::FINAL_WRITE, self.registry.write_now()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                warn!(%err, "last state write failed");
+                done = false;
+            }
+            Err(_) => {
+                warn!("last state write timed out");
+                done = false;
+            }
+        }
         if done {
             info!("vncgate stopped");
         } else {

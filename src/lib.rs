@@ -9,6 +9,7 @@
 //! - [`config`]: flags, environment and TOML file resolved into a validated [`Config`].
 //! - [`pool`]: the port range, bind-on-allocate, release and stats.
 //! - [`sessions`]: the session registry: open, retarget and close, with rollback.
+//! - [`state`]: the durable state file: atomic writes, group commit, load, lock.
 //! - [`server`]: one session port: accept loop, HTTP routing, WebSocket upgrade, token check.
 //! - [`relay`]: WebSocket <-> VNC byte relay with backpressure, and VNC target parsing.
 //! - [`web`]: console page assets: lookup, MIME types, caching.
@@ -25,6 +26,7 @@ pub mod pool;
 pub mod relay;
 pub mod server;
 pub mod sessions;
+pub mod state;
 pub mod web;
 
 pub use config::Config;

@@ -174,21 +174,19 @@ impl PortPool {
         })
     }
 
-    /// Binds one given port (a restarted daemon puts a session back where it was).
+    /// Binds one given port: a restarted daemon puts a session back where it was. The cap is
+    /// not checked (a lowered `--max-sessions` must not drop live consoles at restart).
     pub fn allocate_port(
         self: &Arc<Self>,
         port: u16,
     ) -> Result<(PortLease, std::net::TcpListener), PoolError> {
         let mut inner = self.lock();
-        if inner.allocated_count >= self.cap {
-            return Err(self.at_cap(&inner));
-        }
         let Some(idx) = self.index(port).filter(|&i| !inner.allocated[i]) else {
             return Err(PoolError::Bind {
                 port,
                 source: io::Error::new(
                     io::ErrorKind::AddrNotAvailable,
-                    "port outside the range or already allocated",
+                    "the port is outside --port-range or already allocated",
                 ),
             });
         };
@@ -255,7 +253,7 @@ impl PortPool {
             total_ports: total,
             allocated_ports: inner.allocated_count,
             foreign_ports: foreign,
-            free_ports: total - inner.allocated_count - foreign,
+            free_ports: total.saturating_sub(inner.allocated_count + foreign),
         }
     }
 }

@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::task::JoinHandle;
@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::pool::{PoolError, PortPool};
 use crate::relay::{Target, TargetError, Traffic};
 use crate::server::{self, ServerContext};
+use crate::state::{self, CommitError, CommitStats, Committer, SessionRecord, StateDoc, TokenRecord};
 
 /// Why a registry call failed; the API maps each to a status and code.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub enum SessionError {
     Listener { port: u16, source: std::io::Error },
     #[error("no session for vm_id {0:?}")]
     NotFound(String),
+    #[error("{0}; the change was rolled back")]
+    Coordination(CommitError),
 }
 
 /// `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}`
@@ -108,6 +111,12 @@ struct TargetSlot {
     generation: u64,
     /// Cancelled when this generation is replaced; a child of the session's token.
     cancel: CancellationToken,
+}
+
+/// What undoes a retarget.
+struct RetargetUndo {
+    old_target: Target,
+    old_cancel: CancellationToken,
 }
 
 /// The target a connection should use, and the token that ends it when the target changes.
@@ -198,18 +207,43 @@ impl Session {
         lock(&self.viewers).len()
     }
 
-    /// Replaces the target; connections of older generations (connects in flight included)
-    /// end with 1012. Returns false when the target was already this one.
-    fn retarget(&self, target: Target) -> bool {
+    /// Points new connections at `target`. The old generation's token is handed back, not
+    /// cancelled: the caller cancels it once the change is durable, or restores it.
+    fn retarget(&self, target: Target) -> Option<RetargetUndo> {
         let mut slot = lock(&self.target);
         if slot.target == target {
-            return false;
+            return None;
         }
-        slot.cancel.cancel();
-        slot.target = target;
+        let old_target = std::mem::replace(&mut slot.target, target);
+        let old_cancel = std::mem::replace(&mut slot.cancel, self.cancel.child_token());
         slot.generation += 1;
-        slot.cancel = self.cancel.child_token();
-        true
+        Some(RetargetUndo {
+            old_target,
+            old_cancel,
+        })
+    }
+
+    /// Undoes a retarget whose write failed: connections made to the new target end, the old
+    /// ones never noticed.
+    fn restore_target(&self, undo: RetargetUndo) {
+        let mut slot = lock(&self.target);
+        slot.cancel.cancel();
+        slot.target = undo.old_target;
+        slot.cancel = undo.old_cancel;
+        slot.generation += 1;
+    }
+
+    /// Ends the session: viewers get 1001 `session closed`, and the listener is closed (its
+    /// port back in the pool) when this returns.
+    async fn stop(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.cancel.cancel();
+        let task = lock(&self.listener_task).take();
+        if let Some(task) = task
+            && let Err(err) = task.await
+        {
+            warn!(vm_id = %self.vm_id, port = self.port, %err, "session listener task failed");
+        }
     }
 
     /// A snapshot for the API. `host` is what console URLs name.
@@ -288,19 +322,79 @@ pub struct ViewerInfo {
     pub bytes_to_server: u64,
 }
 
-/// All sessions of the daemon, by vm_id.
+/// All sessions of the daemon, by vm_id, and their durable copy.
 pub struct SessionRegistry {
     pool: Arc<PortPool>,
     by_vm: DashMap<String, Arc<Session>>,
+    /// Serialises open/retarget/close of one vm_id across the commit's await; different VMs
+    /// proceed together and share writes.
+    vm_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     ctx: Arc<ServerContext>,
+    committer: Committer,
+    commit_stats: Arc<CommitStats>,
+    state_path: PathBuf,
+    /// Lasting reasons for `system_health: warning` (sessions moved at restart, ...).
+    degraded: Mutex<Vec<String>>,
+    /// The last failed state write, cleared by the next good one.
+    write_failure: Mutex<Option<String>>,
+}
+
+/// Holds one vm_id's lock; forgets the lock entry when nobody else waits for it.
+struct VmGuard<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    locks: &'a DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    vm_id: &'a str,
+}
+
+impl Drop for VmGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        self.locks
+            .remove_if(self.vm_id, |_, m| Arc::strong_count(m) == 1);
+    }
+}
+
+/// How a session being started gets its port.
+enum PortChoice {
+    /// Any free port of the pool, within the cap.
+    Any,
+    /// The port it had before a restart (the cap does not apply: a restart never drops a
+    /// session it can still serve).
+    Restore(u16),
 }
 
 impl SessionRegistry {
-    pub fn new(pool: Arc<PortPool>, ctx: Arc<ServerContext>) -> Arc<Self> {
-        Arc::new(SessionRegistry {
-            pool,
-            by_vm: DashMap::new(),
-            ctx,
+    /// Starts the registry and its state writer (which stops with `ctx.root`).
+    pub fn new(pool: Arc<PortPool>, ctx: Arc<ServerContext>, state_path: PathBuf) -> Arc<Self> {
+        Arc::new_cyclic(|weak: &Weak<SessionRegistry>| {
+            let snap = weak.clone();
+            let failed = weak.clone();
+            let commit_stats = Arc::new(CommitStats::default());
+            let committer = state::spawn_writer(
+                state_path.clone(),
+                move || snap.upgrade().map(|r| r.snapshot()),
+                move |result| {
+                    if let Some(r) = failed.upgrade() {
+                        *lock(&r.write_failure) = result.err().map(|err| {
+                            format!("state write failed at {}: {err}", rfc3339(SystemTime::now()))
+                        });
+                    }
+                },
+                Arc::clone(&commit_stats),
+                &ctx.tracker,
+                ctx.root.clone(),
+            );
+            SessionRegistry {
+                pool,
+                by_vm: DashMap::new(),
+                vm_locks: DashMap::new(),
+                ctx,
+                committer,
+                commit_stats,
+                state_path,
+                degraded: Mutex::new(Vec::new()),
+                write_failure: Mutex::new(None),
+            }
         })
     }
 
@@ -313,59 +407,103 @@ impl SessionRegistry {
         &self.pool
     }
 
-    /// Opens a session for `vm_id`, or returns the existing one (retargeted if `target` differs).
-    pub fn open(&self, vm_id: &str, target: &str) -> Result<(Arc<Session>, Opened), SessionError> {
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.commit_stats
+    }
+
+    async fn lock_vm<'a>(&'a self, vm_id: &'a str) -> VmGuard<'a> {
+        let mutex = Arc::clone(self.vm_locks.entry(vm_id.to_owned()).or_default().value());
+        VmGuard {
+            guard: Some(mutex.lock_owned().await),
+            locks: &self.vm_locks,
+            vm_id,
+        }
+    }
+
+    /// Binds a port, starts the session's server and enters it in the table (not yet durable).
+    fn start_session(
+        &self,
+        vm_id: &str,
+        target: Target,
+        token: String,
+        created_at: SystemTime,
+        port: PortChoice,
+    ) -> Result<Arc<Session>, SessionError> {
+        let (lease, listener) = match port {
+            PortChoice::Any => self.pool.allocate()?,
+            PortChoice::Restore(p) => self.pool.allocate_port(p)?,
+        };
+        let port = lease.port();
+        let cancel = self.ctx.root.child_token();
+        let session = Arc::new(Session {
+            vm_id: vm_id.to_owned(),
+            port,
+            token,
+            created_at,
+            target: Mutex::new(TargetSlot {
+                target,
+                generation: 0,
+                cancel: cancel.child_token(),
+            }),
+            cancel,
+            root: self.ctx.root.clone(),
+            closed: AtomicBool::new(false),
+            viewers: Mutex::new(HashMap::new()),
+            next_viewer: AtomicU64::new(1),
+            ended_traffic: Traffic::default(),
+            listener_task: Mutex::new(None),
+        });
+        // On error the lease and listener drop here: the port goes back to the pool.
+        let task = server::spawn_session_server(
+            listener,
+            lease,
+            Arc::clone(&session),
+            Arc::clone(&self.ctx),
+        )
+        .map_err(|source| SessionError::Listener { port, source })?;
+        *lock(&session.listener_task) = Some(task);
+        self.by_vm.insert(vm_id.to_owned(), Arc::clone(&session));
+        Ok(session)
+    }
+
+    /// Opens a session for `vm_id`, or returns the existing one (retargeted if `target`
+    /// differs). Returns once the change is on disk; a failed write rolls it back.
+    pub async fn open(
+        &self,
+        vm_id: &str,
+        target: &str,
+    ) -> Result<(Arc<Session>, Opened), SessionError> {
         validate_vm_id(vm_id)?;
         let target: Target = target.parse()?;
-        // The entry's shard lock makes concurrent opens of one vm_id agree; nothing awaits
-        // while it is held.
-        match self.by_vm.entry(vm_id.to_owned()) {
-            Entry::Occupied(e) => {
-                let session = Arc::clone(e.get());
-                drop(e);
-                if session.retarget(target.clone()) {
-                    info!(vm_id, port = session.port, %target, "session retargeted");
-                    Ok((session, Opened::Retargeted))
-                } else {
-                    Ok((session, Opened::Unchanged))
-                }
+        let _guard = self.lock_vm(vm_id).await;
+        if let Some(session) = self.get(vm_id) {
+            // Any earlier change of this VM finished (and was written) before we got the lock.
+            let Some(undo) = session.retarget(target.clone()) else {
+                return Ok((session, Opened::Unchanged));
+            };
+            if let Err(err) = self.committer.commit().await {
+                session.restore_target(undo);
+                return Err(SessionError::Coordination(err));
             }
-            Entry::Vacant(e) => {
-                let (lease, listener) = self.pool.allocate()?;
-                let port = lease.port();
-                let cancel = self.ctx.root.child_token();
-                let session = Arc::new(Session {
-                    vm_id: vm_id.to_owned(),
-                    port,
-                    token: new_token(),
-                    created_at: SystemTime::now(),
-                    target: Mutex::new(TargetSlot {
-                        target: target.clone(),
-                        generation: 0,
-                        cancel: cancel.child_token(),
-                    }),
-                    cancel,
-                    root: self.ctx.root.clone(),
-                    closed: AtomicBool::new(false),
-                    viewers: Mutex::new(HashMap::new()),
-                    next_viewer: AtomicU64::new(1),
-                    ended_traffic: Traffic::default(),
-                    listener_task: Mutex::new(None),
-                });
-                // On error the lease and listener drop here: the port goes back to the pool.
-                let task = server::spawn_session_server(
-                    listener,
-                    lease,
-                    Arc::clone(&session),
-                    Arc::clone(&self.ctx),
-                )
-                .map_err(|source| SessionError::Listener { port, source })?;
-                *lock(&session.listener_task) = Some(task);
-                e.insert(Arc::clone(&session));
-                info!(vm_id, port, %target, "session opened");
-                Ok((session, Opened::Created))
-            }
+            // Only now, with the new target on disk, do old viewers go.
+            undo.old_cancel.cancel();
+            info!(vm_id, port = session.port, %target, "session retargeted");
+            return Ok((session, Opened::Retargeted));
         }
+        let session = self.start_session(
+            vm_id,
+            target.clone(),
+            new_token(),
+            SystemTime::now(),
+            PortChoice::Any,
+        )?;
+        if let Err(err) = self.committer.commit().await {
+            self.by_vm.remove(vm_id);
+            session.stop().await;
+            return Err(SessionError::Coordination(err));
+        }
+        info!(vm_id, port = session.port, %target, "session opened");
+        Ok((session, Opened::Created))
     }
 
     pub fn get(&self, vm_id: &str) -> Option<Arc<Session>> {
@@ -374,7 +512,8 @@ impl SessionRegistry {
 
     /// Every session, ordered by vm_id.
     pub fn list(&self) -> Vec<Arc<Session>> {
-        let mut all: Vec<Arc<Session>> = self.by_vm.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut all: Vec<Arc<Session>> =
+            self.by_vm.iter().map(|e| Arc::clone(e.value())).collect();
         all.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         all
     }
@@ -391,23 +530,121 @@ impl SessionRegistry {
         self.by_vm.iter().map(|e| e.value().viewer_count()).sum()
     }
 
-    /// Closes the session: live viewers get 1001 `session closed`, and the port is back in the
-    /// pool (bindable again) when this returns.
+    /// Closes the session once its removal is on disk: live viewers get 1001 `session
+    /// closed`, and the port is back in the pool (bindable again) when this returns.
     pub async fn close(&self, vm_id: &str) -> Result<(), SessionError> {
+        let _guard = self.lock_vm(vm_id).await;
         let (_, session) = self
             .by_vm
             .remove(vm_id)
             .ok_or_else(|| SessionError::NotFound(vm_id.to_owned()))?;
-        session.closed.store(true, Ordering::SeqCst);
-        session.cancel.cancel();
-        let task = lock(&session.listener_task).take();
-        if let Some(task) = task
-            && let Err(err) = task.await
-        {
-            warn!(vm_id, port = session.port, %err, "session listener task failed");
+        if let Err(err) = self.committer.commit().await {
+            self.by_vm.insert(vm_id.to_owned(), session);
+            return Err(SessionError::Coordination(err));
         }
+        session.stop().await;
         info!(vm_id, port = session.port, "session closed");
         Ok(())
+    }
+
+    /// The table as plain records, for the state file.
+    pub fn snapshot(&self) -> StateDoc {
+        let mut sessions: Vec<SessionRecord> = self
+            .by_vm
+            .iter()
+            .map(|e| {
+                let s = e.value();
+                SessionRecord {
+                    vm_id: s.vm_id.clone(),
+                    target: s.target().to_string(),
+                    ws_port: s.port,
+                    tokens: vec![TokenRecord {
+                        value: s.token.clone(),
+                        expires_at: None,
+                    }],
+                    created_at: rfc3339(s.created_at),
+                }
+            })
+            .collect();
+        sessions.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        StateDoc {
+            version: state::SCHEMA_VERSION,
+            sessions,
+        }
+    }
+
+    /// Writes the table as it is (the last write at shutdown, after the writer stopped).
+    pub async fn write_now(&self) -> Result<(), CommitError> {
+        let doc = self.snapshot();
+        let path = self.state_path.clone();
+        tokio::task::spawn_blocking(move || state::write_atomic(&path, &doc))
+            .await
+            .map_err(|e| CommitError(e.to_string()))?
+            .map_err(|e| CommitError(format!("{}: {e}", self.state_path.display())))
+    }
+
+    /// Puts the sessions of a state file back, each on its old port with its old token. A
+    /// session whose port is taken (or outside the range) moves to another port; one that
+    /// cannot be served is dropped. Both are logged and reported in status, never silent.
+    pub fn restore(&self, records: Vec<SessionRecord>) {
+        let mut degraded = Vec::new();
+        for r in records {
+            let target = match (validate_vm_id(&r.vm_id), r.target.parse::<Target>()) {
+                (Ok(()), Ok(t)) => t,
+                (Err(e), _) => {
+                    degraded.push(format!("state file session dropped: {e}"));
+                    continue;
+                }
+                (_, Err(e)) => {
+                    degraded.push(format!("session {} dropped: {e}", r.vm_id));
+                    continue;
+                }
+            };
+            let Some(token) = r.tokens.iter().find(|t| t.expires_at.is_none()).map(|t| t.value.clone())
+            else {
+                degraded.push(format!("session {} dropped: it has no token", r.vm_id));
+                continue;
+            };
+            let created_at = humantime::parse_rfc3339(&r.created_at).unwrap_or_else(|_| SystemTime::now());
+            let restored = self.start_session(&r.vm_id, target.clone(), token.clone(), created_at, PortChoice::Restore(r.ws_port));
+            match restored {
+                Ok(s) => info!(vm_id = %r.vm_id, port = s.port, "session restored"),
+                Err(first) => match self.start_session(&r.vm_id, target, token, created_at, PortChoice::Any) {
+                    Ok(s) => {
+                        let why = format!(
+                            "session {} moved from port {} to {} after restart: {first}; its old console URL no longer works",
+                            r.vm_id, r.ws_port, s.port
+                        );
+                        warn!(vm_id = %r.vm_id, port = s.port, old_port = r.ws_port, "{why}");
+                        degraded.push(why);
+                    }
+                    Err(second) => {
+                        let why = format!("session {} (port {}) dropped at restart: {first}; no other port: {second}", r.vm_id, r.ws_port);
+                        warn!(vm_id = %r.vm_id, old_port = r.ws_port, "{why}");
+                        degraded.push(why);
+                    }
+                },
+            }
+        }
+        if self.len() > self.pool.cap() {
+            let why = format!(
+                "{} sessions were restored but --max-sessions is {}: all are kept, new opens fail until enough close",
+                self.len(),
+                self.pool.cap()
+            );
+            warn!("{why}");
+            degraded.push(why);
+        }
+        lock(&self.degraded).extend(degraded);
+    }
+
+    /// Reasons for `system_health: warning` beyond the session count.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut all = lock(&self.degraded).clone();
+        if let Some(f) = lock(&self.write_failure).clone() {
+            all.push(f);
+        }
+        all
     }
 }
 

@@ -84,6 +84,7 @@ pub struct TestGate {
     pub api: SocketAddr,
     pub block: PortBlock,
     pub http: Client<HttpConnector, Full<Bytes>>,
+    pub state: StateDir,
 }
 
 impl TestGate {
@@ -94,7 +95,9 @@ impl TestGate {
     pub async fn start_with(ports: u16, tweak: impl FnOnce(&mut Config)) -> TestGate {
         vncgate::raise_nofile_limit();
         let block = PortBlock::take();
+        let state = StateDir::new();
         let mut config = Config {
+            state_file: state.file(),
             api_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port_range: block.range(ports),
@@ -109,6 +112,7 @@ impl TestGate {
             api,
             block,
             http: Client::builder(TokioExecutor::new()).build_http(),
+            state,
         }
     }
 
@@ -410,13 +414,42 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The `vncgate` binary running as its own process (for RSS and descriptor counts), killed by
-/// PID on drop.
+/// A fresh state file path in its own directory, removed on drop.
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    pub fn new() -> StateDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vncgate-state-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("state dir");
+        StateDir(dir)
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.0.join("state.json")
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `vncgate` binary running as its own process (for RSS, descriptors, signals and
+/// restarts), killed by PID on drop.
 pub struct DaemonProcess {
     pub child: std::process::Child,
     pub api: SocketAddr,
     pub block: PortBlock,
     pub http: Client<HttpConnector, Full<Bytes>>,
+    pub state: StateDir,
+    pub args: Vec<String>,
 }
 
 impl DaemonProcess {
@@ -424,46 +457,86 @@ impl DaemonProcess {
         let block = PortBlock::take();
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, block.spare()));
         let range = block.range(ports);
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+        let state = StateDir::new();
+        let mut args: Vec<String> = vec![
+            "--api-listen".into(),
+            api.to_string(),
+            "--listen-host".into(),
+            "127.0.0.1".into(),
+            "--port-range".into(),
+            format!("{}-{}", range.start(), range.end()),
+            "--state-file".into(),
+            state.file().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Self::launch(&args);
+        let http = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
+        let mut process = DaemonProcess { child, api, block, http, state, args };
+        process.wait_healthy().await;
+        process
+    }
+
+    /// Starts `vncgate serve ARGS` (not waiting for it).
+    pub fn launch(args: &[String]) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
             .arg("serve")
-            .arg("--api-listen")
-            .arg(api.to_string())
-            .arg("--listen-host")
-            .arg("127.0.0.1")
-            .arg("--port-range")
-            .arg(format!("{}-{}", range.start(), range.end()))
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .spawn()
-            .expect("start the vncgate binary");
-        let http = Client::builder(TokioExecutor::new()).build_http();
-        let mut process = DaemonProcess {
-            child,
-            api,
-            block,
-            http,
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            .expect("start the vncgate binary")
+    }
+
+    /// Waits until `/healthz` answers (the daemon binds the API last).
+    pub async fn wait_healthy(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
-            let req = hyper::Request::get(format!("http://{api}/healthz"))
+            let req = hyper::Request::get(format!("http://{}/healthz", self.api))
                 .body(Full::new(Bytes::new()))
                 .expect("request");
-            if let Ok(r) = process.http.request(req).await
+            if let Ok(r) = self.http.request(req).await
                 && r.status() == 200
             {
-                break;
+                return;
             }
-            if let Ok(Some(status)) = process.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("vncgate exited early: {status}");
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "vncgate did not answer /healthz within 10 s"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "vncgate did not answer /healthz within 15 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        process
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; returns the exit status and how long the daemon took to exit (at most 10 s).
+    pub async fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let start = std::time::Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                self.kill9();
+                panic!("vncgate did not exit within 10 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts the daemon again with the same flags and state file.
+    pub async fn restart(&mut self) {
+        self.child = Self::launch(&self.args);
+        self.wait_healthy().await;
     }
 
     pub fn pid(&self) -> u32 {
@@ -474,23 +547,21 @@ impl DaemonProcess {
         api_call(&self.http, self.api, method, path, body).await
     }
 
-    pub async fn open_ok(&self, vm_id: &str, target: &str) -> Value {
+    pub async fn open(&self, vm_id: &str, target: &str) -> (u16, Value) {
         let body = serde_json::json!({ "vm_id": vm_id, "target": target }).to_string();
-        let (status, session) = self
-            .call("POST", "/v1/sessions", Some(body.as_bytes()))
-            .await;
-        assert!(
-            status == 201 || status == 200,
-            "open {vm_id}: {status} {session}"
-        );
+        self.call("POST", "/v1/sessions", Some(body.as_bytes())).await
+    }
+
+    pub async fn open_ok(&self, vm_id: &str, target: &str) -> Value {
+        let (status, session) = self.open(vm_id, target).await;
+        assert!(status == 201 || status == 200, "open {vm_id}: {status} {session}");
         session
     }
 }
 
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill9();
     }
 }
 
