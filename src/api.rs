@@ -64,9 +64,11 @@ impl From<SessionError> for ApiError {
                 message,
             ),
             SessionError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
-            SessionError::Coordination(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "coordination_failed", message)
-            }
+            SessionError::Coordination(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "coordination_failed",
+                message,
+            ),
         }
     }
 }
@@ -187,10 +189,7 @@ async fn open_session(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_open(body)?;
-    let (session, opened) = state
-        .registry
-        .open(&request.vm_id, &request.target)
-        .await?;
+    let (session, opened) = state.registry.open(&request.vm_id, &request.target).await?;
     let status = match opened {
         Opened::Created => StatusCode::CREATED,
         Opened::Unchanged | Opened::Retargeted => StatusCode::OK,

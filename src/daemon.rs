@@ -93,7 +93,10 @@ impl Daemon {
         if stored > 0 {
             info!(stored, restored = registry.len(), state_file = %config.state_file.display(), "sessions restored");
         }
-        registry.write_now().await.map_err(DaemonError::FirstWrite)?;
+        registry
+            .write_now()
+            .await
+            .map_err(DaemonError::FirstWrite)?;
         let listener = pool::bind_listener(config.api_listen)
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|source| DaemonError::ApiBind {

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::SystemTime;
 
@@ -21,7 +21,9 @@ use tracing::{info, warn};
 use crate::pool::{PoolError, PortPool};
 use crate::relay::{Target, TargetError, Traffic};
 use crate::server::{self, ServerContext};
-use crate::state::{self, CommitError, CommitStats, Committer, SessionRecord, StateDoc, TokenRecord};
+use crate::state::{
+    self, CommitError, CommitStats, Committer, SessionRecord, StateDoc, TokenRecord,
+};
 
 /// Why a registry call failed; the API maps each to a status and code.
 #[derive(Debug, thiserror::Error)]
@@ -376,7 +378,10 @@ impl SessionRegistry {
                 move |result| {
                     if let Some(r) = failed.upgrade() {
                         *lock(&r.write_failure) = result.err().map(|err| {
-                            format!("state write failed at {}: {err}", rfc3339(SystemTime::now()))
+                            format!(
+                                "state write failed at {}: {err}",
+                                rfc3339(SystemTime::now())
+                            )
                         });
                     }
                 },
@@ -512,8 +517,7 @@ impl SessionRegistry {
 
     /// Every session, ordered by vm_id.
     pub fn list(&self) -> Vec<Arc<Session>> {
-        let mut all: Vec<Arc<Session>> =
-            self.by_vm.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut all: Vec<Arc<Session>> = self.by_vm.iter().map(|e| Arc::clone(e.value())).collect();
         all.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         all
     }
@@ -588,6 +592,9 @@ impl SessionRegistry {
     /// cannot be served is dropped. Both are logged and reported in status, never silent.
     pub fn restore(&self, records: Vec<SessionRecord>) {
         let mut degraded = Vec::new();
+        let mut homeless = Vec::new();
+        // First every session that can have its old port, so no moved session takes a port
+        // another one is about to claim back.
         for r in records {
             let target = match (validate_vm_id(&r.vm_id), r.target.parse::<Target>()) {
                 (Ok(()), Ok(t)) => t,
@@ -600,30 +607,46 @@ impl SessionRegistry {
                     continue;
                 }
             };
-            let Some(token) = r.tokens.iter().find(|t| t.expires_at.is_none()).map(|t| t.value.clone())
+            let Some(token) = r
+                .tokens
+                .iter()
+                .find(|t| t.expires_at.is_none())
+                .map(|t| t.value.clone())
             else {
                 degraded.push(format!("session {} dropped: it has no token", r.vm_id));
                 continue;
             };
-            let created_at = humantime::parse_rfc3339(&r.created_at).unwrap_or_else(|_| SystemTime::now());
-            let restored = self.start_session(&r.vm_id, target.clone(), token.clone(), created_at, PortChoice::Restore(r.ws_port));
-            match restored {
+            let created_at =
+                humantime::parse_rfc3339(&r.created_at).unwrap_or_else(|_| SystemTime::now());
+            match self.start_session(
+                &r.vm_id,
+                target.clone(),
+                token.clone(),
+                created_at,
+                PortChoice::Restore(r.ws_port),
+            ) {
                 Ok(s) => info!(vm_id = %r.vm_id, port = s.port, "session restored"),
-                Err(first) => match self.start_session(&r.vm_id, target, token, created_at, PortChoice::Any) {
-                    Ok(s) => {
-                        let why = format!(
-                            "session {} moved from port {} to {} after restart: {first}; its old console URL no longer works",
-                            r.vm_id, r.ws_port, s.port
-                        );
-                        warn!(vm_id = %r.vm_id, port = s.port, old_port = r.ws_port, "{why}");
-                        degraded.push(why);
-                    }
-                    Err(second) => {
-                        let why = format!("session {} (port {}) dropped at restart: {first}; no other port: {second}", r.vm_id, r.ws_port);
-                        warn!(vm_id = %r.vm_id, old_port = r.ws_port, "{why}");
-                        degraded.push(why);
-                    }
-                },
+                Err(err) => homeless.push((r, target, token, created_at, err)),
+            }
+        }
+        for (r, target, token, created_at, first) in homeless {
+            match self.start_session(&r.vm_id, target, token, created_at, PortChoice::Any) {
+                Ok(s) => {
+                    let why = format!(
+                        "session {} moved from port {} to {} after restart ({first}); URLs with the old port no longer work",
+                        r.vm_id, r.ws_port, s.port
+                    );
+                    warn!(vm_id = %r.vm_id, port = s.port, old_port = r.ws_port, "{why}");
+                    degraded.push(why);
+                }
+                Err(second) => {
+                    let why = format!(
+                        "session {} (port {}) dropped at restart ({first}); no other port: {second}",
+                        r.vm_id, r.ws_port
+                    );
+                    warn!(vm_id = %r.vm_id, old_port = r.ws_port, "{why}");
+                    degraded.push(why);
+                }
             }
         }
         if self.len() > self.pool.cap() {

@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -115,15 +115,11 @@ pub fn acquire_lock(state: &Path) -> Result<StateLock, StateError> {
     Ok(StateLock { _file: file })
 }
 
-fn timestamp() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
+/// `<file>.corrupt-<UTC timestamp, microseconds>`: sorts by time, never collides in practice.
 fn aside_path(path: &Path) -> PathBuf {
+    let stamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     let mut name = path.as_os_str().to_owned();
-    name.push(format!(".corrupt-{}", timestamp()));
+    name.push(format!(".corrupt-{}", stamp.replace(':', "")));
     PathBuf::from(name)
 }
 
@@ -169,8 +165,8 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<SessionRecord>, String> {
     let v: Version = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON ({e})"))?;
     match v.version.as_ref().and_then(serde_json::Value::as_u64) {
         Some(1) => {
-            let doc: StateDoc =
-                serde_json::from_slice(bytes).map_err(|e| format!("not a schema-1 state file ({e})"))?;
+            let doc: StateDoc = serde_json::from_slice(bytes)
+                .map_err(|e| format!("not a schema-1 state file ({e})"))?;
             Ok(doc.sessions)
         }
         Some(n) => Err(format!(
@@ -187,9 +183,12 @@ pub fn write_atomic(path: &Path, doc: &StateDoc) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the state file needs a file name"))?;
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the state file needs a file name",
+        )
+    })?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".tmp-{}", std::process::id()));
@@ -268,7 +267,9 @@ pub fn spawn_writer(
                         .await
                         .map_err(|e| io::Error::other(e.to_string()))
                         .and_then(|r| r);
-                    stats.last_write_us.store(started.elapsed().as_micros() as u64, Relaxed);
+                    stats
+                        .last_write_us
+                        .store(started.elapsed().as_micros() as u64, Relaxed);
                     written.map_err(|e| CommitError(format!("{}: {e}", path.display())))
                 }
             };
@@ -320,11 +321,17 @@ mod tests {
     #[test]
     fn unknown_versions_and_garbage_are_refused() {
         for (bytes, want) in [
-            (&br#"{"version": 2, "sessions": []}"#[..], "schema version 2"),
+            (
+                &br#"{"version": 2, "sessions": []}"#[..],
+                "schema version 2",
+            ),
             (b"{\"version\": 1, \"sess", "not valid JSON"),
             (b"\x00\x01garbage", "not valid JSON"),
             (b"{\"sessions\": []}", "no \"version\""),
-            (br#"{"version": 1, "sessions": [{"vm_id": 5}]}"#, "not a schema-1"),
+            (
+                br#"{"version": 1, "sessions": [{"vm_id": 5}]}"#,
+                "not a schema-1",
+            ),
         ] {
             let err = parse(bytes).expect_err("refused");
             assert!(err.contains(want), "{err}");
@@ -341,13 +348,19 @@ mod tests {
                 vm_id: "vm-1".into(),
                 target: "[::1]:5900".into(),
                 ws_port: 6101,
-                tokens: vec![TokenRecord { value: "t".into(), expires_at: None }],
+                tokens: vec![TokenRecord {
+                    value: "t".into(),
+                    expires_at: None,
+                }],
                 created_at: "2026-11-26T00:00:00Z".into(),
             }],
         };
         write_atomic(&path, &doc).expect("write");
         assert_eq!(load(&path, false).expect("load"), doc.sessions);
-        let leftovers: Vec<_> = std::fs::read_dir(&dir).expect("dir").filter_map(|e| e.ok()).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .collect();
         assert_eq!(leftovers.len(), 1, "no temp files left");
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -376,7 +389,10 @@ mod tests {
         match acquire_lock(&path) {
             Err(e @ StateError::Locked { .. }) => {
                 let msg = e.to_string();
-                assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+                assert!(
+                    msg.contains(&format!("pid {}", std::process::id())),
+                    "{msg}"
+                );
                 assert!(msg.contains("is serving"), "{msg}");
             }
             other => panic!("expected Locked, got {other:?}"),

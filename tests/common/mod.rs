@@ -470,8 +470,17 @@ impl DaemonProcess {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Self::launch(&args);
-        let http = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
-        let mut process = DaemonProcess { child, api, block, http, state, args };
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http();
+        let mut process = DaemonProcess {
+            child,
+            api,
+            block,
+            http,
+            state,
+            args,
+        };
         process.wait_healthy().await;
         process
     }
@@ -502,7 +511,10 @@ impl DaemonProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("vncgate exited early: {status}");
             }
-            assert!(tokio::time::Instant::now() < deadline, "vncgate did not answer /healthz within 15 s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "vncgate did not answer /healthz within 15 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -549,12 +561,16 @@ impl DaemonProcess {
 
     pub async fn open(&self, vm_id: &str, target: &str) -> (u16, Value) {
         let body = serde_json::json!({ "vm_id": vm_id, "target": target }).to_string();
-        self.call("POST", "/v1/sessions", Some(body.as_bytes())).await
+        self.call("POST", "/v1/sessions", Some(body.as_bytes()))
+            .await
     }
 
     pub async fn open_ok(&self, vm_id: &str, target: &str) -> Value {
         let (status, session) = self.open(vm_id, target).await;
-        assert!(status == 201 || status == 200, "open {vm_id}: {status} {session}");
+        assert!(
+            status == 201 || status == 200,
+            "open {vm_id}: {status} {session}"
+        );
         session
     }
 }
