@@ -308,16 +308,21 @@ async fn the_page_explains_closes_and_reconnects_by_itself() {
         let scratch = Scratch::new("e2e-reconnect");
         let mut xvnc = Xvnc::start(&scratch.0, "reconnects").await;
         xvnc.draw_desktop().await;
-        let daemon = DaemonProcess::spawn(2, &[]).await;
+        let mut daemon = DaemonProcess::spawn(2, &[]).await;
         let target = format!("unix:{}", xvnc.socket.display());
         let session = daemon.open_ok("vm-heal", &target).await;
         let url = session["url"].as_str().expect("url");
         let port = session["ws_port"].as_u64().expect("port");
         let open = |t: &str| json!({ "op": "api", "method": "POST", "path": "/v1/sessions", "status": 200, "body": { "vm_id": "vm-heal", "target": t } });
-        let result = drive(json!({
+        let marker = scratch.0.join("restart-now");
+        let driver = tokio::spawn(drive(json!({
             "url": url, "outDir": out_dir(), "name": "reconnect", "app": "bundled",
             "capture": false, "width": 800, "height": 600, "api": format!("http://{}", daemon.api),
             "steps": [
+                { "op": "waitState", "state": "connected" },
+                // The daemon restarts under the page: it says so and heals by itself.
+                { "op": "touch", "path": marker },
+                { "op": "waitStatus", "contains": "vncgate is restarting" },
                 { "op": "waitState", "state": "connected" },
                 // Retarget to a dead socket: 1012, then reconnects that fail with the reason.
                 open("unix:/nonexistent/vnc.sock"),
@@ -338,11 +343,20 @@ async fn the_page_explains_closes_and_reconnects_by_itself() {
                 { "op": "waitState", "state": "closed" },
                 { "op": "record", "selector": "#status", "as": "closed" },
             ],
-        }))
-        .await;
+        })));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !marker.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "the page never connected");
+            assert!(!driver.is_finished(), "the driver ended early: {:?}", driver.await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, _) = daemon.terminate().await;
+        assert!(status.success());
+        daemon.restart().await;
+        let result = driver.await.expect("driver task");
         eprintln!("statuses: {} | {} | {}", result["unreachable"], result["closed"], result["wrongToken"]);
         assert!(result["closed"].as_str().is_some_and(|s| s.starts_with("Session closed")), "{result}");
-        assert_eq!(result["stepsDone"], 15, "{result}");
+        assert_eq!(result["stepsDone"], 18, "{result}");
     })
     .await;
 }

@@ -135,6 +135,11 @@ try {
         if (r.status !== step.status) throw new Error(`${step.method} ${step.path}: HTTP ${r.status}`);
         return null;
       }
+      case 'touch': {
+        // Tells the Rust side to act (e.g. restart the daemon) at this point of the script.
+        writeFileSync(step.path, 'now');
+        return null;
+      }
       case 'record': {
         result[step.as] = await page.textContent(step.selector);
         return null;
