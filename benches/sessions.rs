@@ -1,0 +1,1214 @@
+//! Concurrent proxied sessions: vncgate against the machine's ceiling (direct TCP), an ideal
+//! TCP relay, and websockify. `cargo bench --bench sessions` prints one table and writes
+//! `target/bench/sessions.json` (and `.md`).
+//!
+//! Every party runs in its own process: this binary re-executes itself as the fake VNC server
+//! (`VNCGATE_BENCH_ROLE=fake`), the TCP relay (`relay`) and the load generator (`load`); the
+//! daemon is the built `vncgate` binary with its state file on the checkout's file system.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const GREETING: &[u8] = b"RFB 003.008\n";
+const CHUNK: usize = 64 * 1024;
+const ROUNDS: usize = 3;
+const WARMUP: Duration = Duration::from_millis(500);
+const WINDOW: Duration = Duration::from_secs(2);
+const RTT_WINDOW: Duration = Duration::from_secs(3);
+/// Ports for the daemon and websockify, below the ephemeral range.
+const POOL_FIRST: u16 = 21_000;
+const API_PORT: u16 = 21_990;
+const WSF_FIRST: u16 = 22_000;
+
+fn main() {
+    let role = std::env::var("VNCGATE_BENCH_ROLE").unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match role.as_str() {
+        "fake" => rt.block_on(run_fake()),
+        "relay" => rt.block_on(run_relay()),
+        "load" => rt.block_on(run_load()),
+        _ => {
+            drop(rt);
+            orchestrate();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared by the roles
+
+/// Ends this helper process when its parent goes away (stdin closes).
+fn exit_with_parent() {
+    std::thread::spawn(|| {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            sink.clear();
+        }
+        std::process::exit(0);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake VNC server: one port streams framebuffer-like chunks, one echoes.
+
+async fn run_fake() {
+    let stream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    println!(
+        "{} {}",
+        stream.local_addr().expect("addr").port(),
+        echo.local_addr().expect("addr").port()
+    );
+    exit_with_parent();
+    let chunk = Bytes::from((0..CHUNK).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let streamer = async move {
+        loop {
+            let Ok((mut s, _)) = stream.accept().await else {
+                continue;
+            };
+            let chunk = chunk.clone();
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                if s.write_all(GREETING).await.is_err() {
+                    return;
+                }
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    };
+    let echoer = async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                if s.write_all(GREETING).await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    };
+    tokio::join!(streamer, echoer);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ideal TCP relay: copy_bidirectional_with_sizes, 64 KiB both ways, TCP_NODELAY.
+
+async fn run_relay() {
+    let args: Vec<String> = std::env::args().collect();
+    let targets: Vec<SocketAddr> = args[args.len() - 2..]
+        .iter()
+        .map(|a| a.parse().expect("target"))
+        .collect();
+    let mut ports = Vec::new();
+    let mut listeners = Vec::new();
+    for _ in &targets {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        ports.push(l.local_addr().expect("addr").port().to_string());
+        listeners.push(l);
+    }
+    println!("{}", ports.join(" "));
+    exit_with_parent();
+    let mut tasks = Vec::new();
+    for (l, target) in listeners.into_iter().zip(targets) {
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut client,
+                        &mut server,
+                        CHUNK,
+                        CHUNK,
+                    )
+                    .await;
+                });
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generator: N clients, raw TCP or WebSocket (masked frames, as browsers send them).
+
+/// A connected client: the socket and what is left of a partly read frame header.
+struct Client {
+    stream: TcpStream,
+    ws: bool,
+    pending: BytesMut,
+}
+
+async fn connect_client(url: &str) -> Result<Client, String> {
+    let (ws, rest) = if let Some(r) = url.strip_prefix("ws://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("tcp://") {
+        (false, r)
+    } else {
+        return Err(format!("bad url {url}"));
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(authority))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut pending = BytesMut::new();
+    if ws {
+        let req = format!(
+            "GET /{path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+                if !head.starts_with("HTTP/1.1 101") {
+                    return Err(head.lines().next().unwrap_or("").to_owned());
+                }
+                pending.advance(end + 4);
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("handshake timed out".into());
+            }
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut pending))
+                .await
+                .map_err(|_| "handshake timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed during handshake".into());
+            }
+        }
+    }
+    Ok(Client {
+        stream,
+        ws,
+        pending,
+    })
+}
+
+/// Payload bytes in `data` for a stream of server frames; `state` carries a partial frame
+/// (bytes of payload still to come, or header bytes waiting in `head`).
+#[derive(Default)]
+struct FrameCounter {
+    payload_left: u64,
+    head: Vec<u8>,
+}
+
+impl FrameCounter {
+    /// Feeds bytes; returns payload bytes and appends complete small payloads to `out`.
+    fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> u64 {
+        let mut payload = 0u64;
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = (self.payload_left as usize).min(data.len());
+                out.extend_from_slice(&data[..n.min(64)]);
+                payload += n as u64;
+                self.payload_left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            self.head.push(data[0]);
+            data = &data[1..];
+            if self.head.len() < 2 {
+                continue;
+            }
+            let len7 = (self.head[1] & 0x7f) as usize;
+            let need = 2 + match len7 {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            if self.head.len() < need {
+                continue;
+            }
+            let len = match len7 {
+                126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                127 => u64::from_be_bytes(self.head[2..10].try_into().unwrap_or([0; 8])),
+                n => n as u64,
+            };
+            let opcode = self.head[0] & 0x0f;
+            self.head.clear();
+            if opcode >= 8 {
+                // Control frame (ping): skip its payload, not counted.
+                let skip = (len as usize).min(data.len());
+                data = &data[skip..];
+                continue;
+            }
+            self.payload_left = len;
+        }
+        payload
+    }
+}
+
+/// Sends `payload` as one masked binary frame.
+fn masked_frame(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0x82, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+struct LoadState {
+    clients: Vec<Client>,
+}
+
+/// Commands arrive as JSON lines on stdin; when the parent goes, stdin ends and so does this.
+async fn run_load() {
+    let stdin = tokio::io::stdin();
+    let mut lines = tokio::io::BufReader::new(stdin);
+    let mut state = LoadState {
+        clients: Vec::new(),
+    };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        use tokio::io::AsyncBufReadExt;
+        if lines
+            .read_line(&mut line)
+            .await
+            .map(|n| n == 0)
+            .unwrap_or(true)
+        {
+            return;
+        }
+        let cmd: Value = serde_json::from_str(&line).expect("command");
+        let reply = match cmd["cmd"].as_str().unwrap_or("") {
+            "connect" => load_connect(&mut state, &cmd).await,
+            "throughput" => load_throughput(&mut state).await,
+            "rtt" => load_rtt(&mut state).await,
+            "disconnect" => {
+                state.clients.clear();
+                json!({"ok": true})
+            }
+            other => json!({"error": format!("unknown command {other}")}),
+        };
+        println!("{reply}");
+    }
+}
+
+async fn load_connect(state: &mut LoadState, cmd: &Value) -> Value {
+    let urls: Vec<String> = cmd["urls"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let started = Instant::now();
+    let mut results = Vec::new();
+    // 32 connects at a time, as a burst of browsers would.
+    for batch in urls.chunks(32) {
+        let futs: Vec<_> = batch.iter().map(|u| connect_client(u)).collect();
+        results.extend(futures_util::future::join_all(futs).await);
+    }
+    let mut failed = 0;
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(mut c) => {
+                // Wait for the greeting so the session is really up.
+                let mut counter = FrameCounter::default();
+                let mut got = Vec::new();
+                let mut ok = true;
+                let mut buf = std::mem::take(&mut c.pending);
+                loop {
+                    if c.ws {
+                        counter.feed(&buf, &mut got);
+                    } else {
+                        got.extend_from_slice(&buf);
+                    }
+                    buf.clear();
+                    if got.len() >= GREETING.len() {
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(10), c.stream.read_buf(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                if ok {
+                    state.clients.push(c);
+                } else {
+                    failed += 1;
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    json!({"connected": state.clients.len(), "failed": failed, "error": first_error, "ms": started.elapsed().as_secs_f64() * 1e3})
+}
+
+async fn load_throughput(state: &mut LoadState) -> Value {
+    let total = Arc::new(AtomicU64::new(0));
+    let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for mut c in std::mem::take(&mut state.clients) {
+        let (total, counting, stop) = (total.clone(), counting.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(256 * 1024);
+            let mut counter = FrameCounter::default();
+            let mut sink = Vec::new();
+            loop {
+                buf.clear();
+                tokio::select! {
+                    r = c.stream.read_buf(&mut buf) => match r {
+                        Ok(n) if n > 0 => {
+                            let payload = if c.ws { sink.clear(); counter.feed(&buf, &mut sink) } else { n as u64 };
+                            if counting.load(Ordering::Relaxed) {
+                                total.fetch_add(payload, Ordering::Relaxed);
+                            }
+                        }
+                        _ => return c,
+                    },
+                    _ = stop.cancelled() => return c,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(WARMUP).await;
+    counting.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    counting.store(false, Ordering::SeqCst);
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = total.load(Ordering::SeqCst);
+    stop.cancel();
+    for t in tasks {
+        if let Ok(c) = t.await {
+            state.clients.push(c);
+        }
+    }
+    json!({"bytes": bytes, "secs": secs, "mb_s": bytes as f64 / secs / 1e6})
+}
+
+async fn load_rtt(state: &mut LoadState) -> Value {
+    let n = state.clients.len().max(1);
+    let period = Duration::from_millis(50); // 20 messages/s per session
+    let mut tasks = Vec::new();
+    for (i, mut c) in std::mem::take(&mut state.clients).into_iter().enumerate() {
+        // Stagger the clients across the period.
+        let offset = period.mul_f64(i as f64 / n as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut counter = FrameCounter::default();
+            let mut got = Vec::new();
+            let mut buf = BytesMut::with_capacity(4096);
+            tokio::time::sleep(offset).await;
+            let start = Instant::now();
+            let mut seq: u64 = 0;
+            let mut next = tokio::time::Instant::now();
+            while start.elapsed() < RTT_WINDOW {
+                tokio::time::sleep_until(next).await;
+                next += period;
+                seq += 1;
+                let msg = seq.to_be_bytes();
+                let frame = if c.ws {
+                    masked_frame(&msg, [1, 2, 3, 4])
+                } else {
+                    msg.to_vec()
+                };
+                let sent = Instant::now();
+                if c.stream.write_all(&frame).await.is_err() {
+                    break;
+                }
+                got.clear();
+                loop {
+                    if got.len() >= 8 {
+                        break;
+                    }
+                    buf.clear();
+                    match tokio::time::timeout(Duration::from_secs(5), c.stream.read_buf(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {
+                            if c.ws {
+                                counter.feed(&buf, &mut got);
+                            } else {
+                                got.extend_from_slice(&buf);
+                            }
+                        }
+                        _ => return (c, samples, true),
+                    }
+                }
+                samples.push(sent.elapsed().as_secs_f64() * 1e3);
+            }
+            (c, samples, false)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((c, s, err)) = t.await {
+            all.extend(s);
+            errors += usize::from(err);
+            state.clients.push(c);
+        }
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    json!({"samples": all.len(), "errors": errors, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": all.last().copied().unwrap_or(f64::NAN)})
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orchestrator
+
+/// A helper process of this binary, talking JSON lines.
+struct Role {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Role {
+    fn spawn(role: &str, args: &[String]) -> Role {
+        let mut child = Command::new(std::env::current_exe().expect("exe"))
+            .args(args)
+            .env("VNCGATE_BENCH_ROLE", role)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn role");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Role {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.stdout.read_line(&mut l).expect("role output");
+        l.trim().to_owned()
+    }
+
+    fn call(&mut self, cmd: Value) -> Value {
+        writeln!(self.stdin, "{cmd}").expect("role stdin");
+        serde_json::from_str(&self.line()).expect("role reply")
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pids` and all their descendants (websockify forks a child per connection).
+fn with_descendants(pids: &[u32]) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.filter_map(|e| e.ok()) {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Field 4, after the parenthesised command name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut all: Vec<u32> = pids.to_vec();
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        all.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    all
+}
+
+/// CPU seconds used so far by `pids`, their threads and their children, from schedstat.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    let mut ns: u64 = 0;
+    for pid in with_descendants(pids) {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.filter_map(|t| t.ok()) {
+                if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                    ns += s
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    ns as f64 / 1e9
+}
+
+fn rss_kib(pids: &[u32]) -> u64 {
+    with_descendants(pids)
+        .iter()
+        .map(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn wait_port(port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Blocking HTTP/1.1 call to the daemon's API; returns status and JSON.
+fn api(method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", API_PORT)).expect("api");
+    let _ = s.set_nodelay(true);
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// Opens sessions `vm-0..n` to `target`, `parallel` at once; returns (total s, sorted ms).
+fn open_sessions(n: usize, target: &str, parallel: usize) -> (f64, Vec<f64>) {
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(std::sync::Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..parallel {
+            let (next, lat) = (next.clone(), lat.clone());
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        return;
+                    }
+                    let t = Instant::now();
+                    let (status, v) = api(
+                        "POST",
+                        "/v1/sessions",
+                        Some(&json!({"vm_id": format!("vm-{i}"), "target": target})),
+                    );
+                    assert!(status == 201 || status == 200, "open vm-{i}: {status} {v}");
+                    lat.lock()
+                        .map(|mut l| l.push(t.elapsed().as_secs_f64() * 1e3))
+                        .ok();
+                }
+            });
+        }
+    });
+    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort_by(|a, b| a.total_cmp(b));
+    (started.elapsed().as_secs_f64(), l)
+}
+
+/// Retargets sessions `vm-0..n` (parallel 16).
+fn retarget_all(n: usize, target: &str) {
+    open_sessions(n, target, 16);
+}
+
+fn close_all(n: usize) {
+    let next = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|scope| {
+        for _ in 0..16 {
+            let next = next.clone();
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        return;
+                    }
+                    api("DELETE", &format!("/v1/sessions/vm-{i}"), None);
+                }
+            });
+        }
+    });
+}
+
+/// The same atomic write the daemon does (temp, fsync, rename, fsync dir), of `bytes` bytes, in
+/// `dir`: the state-commit latency of this disk, in ms (median of 20).
+fn commit_latency_ms(dir: &std::path::Path, bytes: usize) -> f64 {
+    let data = vec![b'x'; bytes.max(64)];
+    let mut l = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let tmp = dir.join(".probe.tmp");
+        let mut f = std::fs::File::create(&tmp).expect("probe");
+        f.write_all(&data).expect("write");
+        f.sync_all().expect("fsync");
+        std::fs::rename(&tmp, dir.join("probe.json")).expect("rename");
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .expect("fsync dir");
+        l.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    l.sort_by(|a, b| a.total_cmp(b));
+    let _ = std::fs::remove_file(dir.join("probe.json"));
+    percentile(&l, 0.5)
+}
+
+fn python_with_websockify() -> Option<String> {
+    for py in ["python3", "/usr/bin/python3"] {
+        let ok = Command::new(py)
+            .args(["-c", "import websockify"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(py.to_owned());
+        }
+    }
+    None
+}
+
+/// One proxy's figures in one round.
+#[derive(Default, Clone, serde::Serialize)]
+struct Sample {
+    mb_s: f64,
+    cpu_s_per_gb: Option<f64>,
+    rtt_p50_ms: f64,
+    rtt_p99_ms: f64,
+    rtt_max_ms: f64,
+    idle_rss_kib_per_session: Option<f64>,
+    connect_failed: u64,
+    rtt_errors: u64,
+}
+
+struct Proxy {
+    name: &'static str,
+    stream_urls: Vec<String>,
+    echo_urls: Vec<String>,
+    pids: Vec<u32>,
+    /// vncgate's sessions are retargeted between phases: (streaming target, echo target).
+    retarget: Option<(String, String)>,
+    children: Vec<Child>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn measure(load: &mut Role, p: &Proxy, n: usize) -> Sample {
+    let mut s = Sample::default();
+    if let Some((stream, _)) = &p.retarget {
+        retarget_all(n, stream);
+    }
+    let c = load.call(json!({"cmd": "connect", "urls": p.stream_urls}));
+    s.connect_failed += c["failed"].as_u64().unwrap_or(0);
+    let cpu0 = cpu_seconds(&p.pids);
+    let t = load.call(json!({"cmd": "throughput"}));
+    let cpu = cpu_seconds(&p.pids) - cpu0;
+    load.call(json!({"cmd": "disconnect"}));
+    s.mb_s = t["mb_s"].as_f64().unwrap_or(0.0);
+    let gb = t["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+    // CPU was measured over warm-up and window, bytes over the window: scale to the window.
+    let window_share = WINDOW.as_secs_f64() / (WINDOW + WARMUP).as_secs_f64();
+    if !p.pids.is_empty() && gb > 0.0 {
+        s.cpu_s_per_gb = Some(cpu * window_share / gb);
+    }
+    if let Some((_, echo)) = &p.retarget {
+        retarget_all(n, echo);
+    }
+    let base = rss_kib(&p.pids);
+    let c = load.call(json!({"cmd": "connect", "urls": p.echo_urls}));
+    s.connect_failed += c["failed"].as_u64().unwrap_or(0);
+    let connected = c["connected"].as_u64().unwrap_or(0);
+    if !p.pids.is_empty() && connected > 0 {
+        let rss = rss_kib(&p.pids);
+        s.idle_rss_kib_per_session = Some(rss.saturating_sub(base) as f64 / connected as f64);
+    }
+    let r = load.call(json!({"cmd": "rtt"}));
+    load.call(json!({"cmd": "disconnect"}));
+    s.rtt_p50_ms = r["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    s.rtt_p99_ms = r["p99_ms"].as_f64().unwrap_or(f64::NAN);
+    s.rtt_max_ms = r["max_ms"].as_f64().unwrap_or(f64::NAN);
+    s.rtt_errors = r["errors"].as_u64().unwrap_or(0);
+    s
+}
+
+fn median_spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+fn orchestrate() {
+    let wall = Instant::now();
+    let exe = env!("CARGO_BIN_EXE_vncgate");
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out_dir = root.join("target/bench");
+    let state_dir = out_dir.join("state");
+    let _ = std::fs::remove_dir_all(&state_dir);
+    std::fs::create_dir_all(&state_dir).expect("bench dir");
+    let sizes: Vec<usize> = std::env::var("VNCGATE_BENCH_N")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 100, 800]);
+
+    let mut fake = Role::spawn("fake", &[]);
+    let ports: Vec<u16> = fake
+        .line()
+        .split(' ')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let (stream_port, echo_port) = (ports[0], ports[1]);
+    let mut relay = Role::spawn(
+        "relay",
+        &[
+            format!("127.0.0.1:{stream_port}"),
+            format!("127.0.0.1:{echo_port}"),
+        ],
+    );
+    let rports: Vec<u16> = relay
+        .line()
+        .split(' ')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let relay_pid = relay.child.id();
+    let mut load = Role::spawn("load", &[]);
+
+    let mut daemon = Command::new(exe)
+        .args([
+            "serve",
+            "--api-listen",
+            &format!("127.0.0.1:{API_PORT}"),
+            "--listen-host",
+            "127.0.0.1",
+        ])
+        .args([
+            "--port-range",
+            &format!("{POOL_FIRST}-{}", POOL_FIRST + 899),
+            "--max-sessions",
+            "800",
+        ])
+        .arg("--state-file")
+        .arg(state_dir.join("state.json"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start vncgate");
+    assert!(
+        wait_port(API_PORT, Duration::from_secs(10)),
+        "vncgate did not start"
+    );
+    let daemon_pid = daemon.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let rss0 = rss_kib(&[daemon_pid]);
+    let python = python_with_websockify();
+    eprintln!(
+        "vncgate RSS with 0 sessions: {rss0} KiB; websockify: {}",
+        python
+            .as_deref()
+            .unwrap_or("not importable (pip install websockify)")
+    );
+
+    let mut results: BTreeMap<String, Value> = BTreeMap::new();
+    for &n in &sizes {
+        eprintln!("== N = {n}");
+        let mut row = serde_json::Map::new();
+        // Opening: sequential, then 16 at once (the sessions of the second run stay).
+        let (seq_s, seq_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 1);
+        close_all(n);
+        let state_bytes = std::fs::metadata(state_dir.join("state.json"))
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+            .max(n * 200);
+        let (par_s, par_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 16);
+        let commit_ms = commit_latency_ms(&state_dir, state_bytes);
+        row.insert("open".into(), json!({
+            "sequential_s": seq_s, "parallel16_s": par_s,
+            "p50_ms": percentile(&par_lat, 0.5), "p99_ms": percentile(&par_lat, 0.99),
+            "sequential_p50_ms": percentile(&seq_lat, 0.5), "sequential_p99_ms": percentile(&seq_lat, 0.99),
+            "commit_ms": commit_ms,
+        }));
+        let (_, list) = api("GET", "/v1/sessions", None);
+        let ws_urls: Vec<String> = list["sessions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["ws_url"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        let mut proxies = vec![
+            Proxy {
+                name: "direct",
+                stream_urls: vec![format!("tcp://127.0.0.1:{stream_port}"); n],
+                echo_urls: vec![format!("tcp://127.0.0.1:{echo_port}"); n],
+                pids: vec![],
+                retarget: None,
+                children: vec![],
+            },
+            Proxy {
+                name: "tcp-relay",
+                stream_urls: vec![format!("tcp://127.0.0.1:{}", rports[0]); n],
+                echo_urls: vec![format!("tcp://127.0.0.1:{}", rports[1]); n],
+                pids: vec![relay_pid],
+                retarget: None,
+                children: vec![],
+            },
+            Proxy {
+                name: "vncgate",
+                stream_urls: ws_urls.clone(),
+                echo_urls: ws_urls.clone(),
+                pids: vec![daemon_pid],
+                retarget: Some((
+                    format!("127.0.0.1:{stream_port}"),
+                    format!("127.0.0.1:{echo_port}"),
+                )),
+                children: vec![],
+            },
+        ];
+        let mut wsf_setup = serde_json::Map::new();
+        if let Some(py) = &python {
+            if n <= 100 {
+                let started = Instant::now();
+                let mut children = Vec::new();
+                let mut pids = Vec::new();
+                let (mut s_urls, mut e_urls) = (Vec::new(), Vec::new());
+                for i in 0..n {
+                    for (k, target) in [(0u16, stream_port), (1, echo_port)] {
+                        let port = WSF_FIRST + (i as u16) * 2 + k;
+                        let c = Command::new(py)
+                            .args([
+                                "-m",
+                                "websockify",
+                                &format!("127.0.0.1:{port}"),
+                                &format!("127.0.0.1:{target}"),
+                            ])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .stdin(Stdio::null())
+                            .spawn()
+                            .expect("websockify");
+                        pids.push(c.id());
+                        children.push(c);
+                        let url = format!("ws://127.0.0.1:{port}/");
+                        if k == 0 {
+                            s_urls.push(url)
+                        } else {
+                            e_urls.push(url)
+                        }
+                        assert!(
+                            wait_port(port, Duration::from_secs(20)),
+                            "websockify on {port} did not start"
+                        );
+                    }
+                }
+                let per = started.elapsed().as_secs_f64() * 1e3 / (2 * n) as f64;
+                wsf_setup.insert(
+                    "websockify-per-process".into(),
+                    json!({"setup_ms_per_session": per}),
+                );
+                proxies.push(Proxy {
+                    name: "websockify-per-process",
+                    stream_urls: s_urls,
+                    echo_urls: e_urls,
+                    pids,
+                    retarget: None,
+                    children,
+                });
+            }
+            let tokens = state_dir.join("tokens.cfg");
+            let mut cfg = String::new();
+            for i in 0..n {
+                cfg.push_str(&format!(
+                    "s{i}: 127.0.0.1:{stream_port}\ne{i}: 127.0.0.1:{echo_port}\n"
+                ));
+            }
+            std::fs::write(&tokens, cfg).expect("token file");
+            let port = WSF_FIRST + 1990;
+            let started = Instant::now();
+            let c = Command::new(py)
+                .args([
+                    "-m",
+                    "websockify",
+                    "--token-plugin",
+                    "TokenFile",
+                    "--token-source",
+                ])
+                .arg(&tokens)
+                .arg(format!("127.0.0.1:{port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("websockify");
+            assert!(
+                wait_port(port, Duration::from_secs(20)),
+                "websockify did not start"
+            );
+            wsf_setup.insert(
+                "websockify-one-process".into(),
+                json!({"start_ms": started.elapsed().as_secs_f64() * 1e3}),
+            );
+            proxies.push(Proxy {
+                name: "websockify-one-process",
+                stream_urls: (0..n)
+                    .map(|i| format!("ws://127.0.0.1:{port}/?token=s{i}"))
+                    .collect(),
+                echo_urls: (0..n)
+                    .map(|i| format!("ws://127.0.0.1:{port}/?token=e{i}"))
+                    .collect(),
+                pids: vec![c.id()],
+                retarget: None,
+                children: vec![c],
+            });
+        }
+        let mut per_proxy: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+        for round in 0..ROUNDS {
+            // Alternate the order so no proxy always runs on a warmer or cooler machine.
+            let mut order: Vec<usize> = (0..proxies.len()).collect();
+            order.rotate_left(round % proxies.len());
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for &i in &order {
+                let p = &proxies[i];
+                let phase = Instant::now();
+                let s = measure(&mut load, p, n);
+                eprintln!(
+                    "  round {round} {:<24} {:>8.1} MB/s  cpu {:>6} s/GB  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
+                    p.name,
+                    s.mb_s,
+                    s.cpu_s_per_gb.map_or("-".into(), |c| format!("{c:.3}")),
+                    s.rtt_p50_ms,
+                    s.rtt_p99_ms,
+                    s.rtt_max_ms,
+                    s.idle_rss_kib_per_session
+                        .map_or("-".into(), |r| format!("{r:.1}")),
+                    s.connect_failed + s.rtt_errors,
+                    phase.elapsed().as_secs_f64()
+                );
+                per_proxy.entry(p.name).or_default().push(s);
+            }
+        }
+        let relay_rounds = per_proxy.get("tcp-relay").cloned().unwrap_or_default();
+        let mut proxies_json = serde_json::Map::new();
+        for (name, samples) in &per_proxy {
+            let pick = |f: &dyn Fn(&Sample) -> f64| -> Vec<f64> { samples.iter().map(f).collect() };
+            let ratio = |f: &dyn Fn(&Sample) -> f64| -> Vec<f64> {
+                samples
+                    .iter()
+                    .zip(&relay_rounds)
+                    .map(|(s, r)| f(s) / f(r))
+                    .collect()
+            };
+            let mb = median_spread(&pick(&|s| s.mb_s));
+            let mb_ratio = median_spread(&ratio(&|s| s.mb_s));
+            let cpu = median_spread(&pick(&|s| s.cpu_s_per_gb.unwrap_or(f64::NAN)));
+            let cpu_ratio = median_spread(&ratio(&|s| s.cpu_s_per_gb.unwrap_or(f64::NAN)));
+            let p99 = median_spread(&pick(&|s| s.rtt_p99_ms));
+            let p99_ratio = median_spread(&ratio(&|s| s.rtt_p99_ms));
+            let p50 = median_spread(&pick(&|s| s.rtt_p50_ms));
+            let max = median_spread(&pick(&|s| s.rtt_max_ms));
+            let idle = median_spread(&pick(&|s| s.idle_rss_kib_per_session.unwrap_or(f64::NAN)));
+            let failed: u64 = samples
+                .iter()
+                .map(|s| s.connect_failed + s.rtt_errors)
+                .sum();
+            proxies_json.insert((*name).into(), json!({
+                "mb_s": mb.0, "mb_s_min": mb.1, "mb_s_max": mb.2, "mb_s_ratio": mb_ratio.0, "mb_s_ratio_min": mb_ratio.1, "mb_s_ratio_max": mb_ratio.2,
+                "cpu_s_per_gb": cpu.0, "cpu_ratio": cpu_ratio.0, "cpu_ratio_min": cpu_ratio.1, "cpu_ratio_max": cpu_ratio.2,
+                "rtt_p50_ms": p50.0, "rtt_p99_ms": p99.0, "rtt_p99_min": p99.1, "rtt_p99_max": p99.2, "rtt_max_ms": max.0,
+                "rtt_p99_ratio": p99_ratio.0, "rtt_p99_ratio_min": p99_ratio.1, "rtt_p99_ratio_max": p99_ratio.2,
+                "idle_kib_per_session": idle.0, "failures": failed,
+                "rounds": samples,
+            }));
+        }
+        row.insert("proxies".into(), Value::Object(proxies_json));
+        row.insert("setup".into(), Value::Object(wsf_setup));
+        results.insert(format!("{n}"), Value::Object(row));
+        close_all(n);
+        drop(proxies);
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    drop(fake);
+    drop(relay);
+    drop(load);
+
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned()),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "mem_total": std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned(),
+    });
+    let doc = json!({"machine": machine, "rss_idle_daemon_kib": rss0, "rounds": ROUNDS, "window_s": WINDOW.as_secs_f64(), "results": results, "wall_s": wall.elapsed().as_secs_f64()});
+    let table = render_table(&doc);
+    println!("{table}");
+    std::fs::write(
+        out_dir.join("sessions.json"),
+        serde_json::to_string_pretty(&doc).expect("json"),
+    )
+    .expect("write json");
+    std::fs::write(out_dir.join("sessions.md"), &table).expect("write md");
+    eprintln!(
+        "wrote {} and sessions.md in {:.0} s",
+        out_dir.join("sessions.json").display(),
+        wall.elapsed().as_secs_f64()
+    );
+}
+
+fn render_table(doc: &Value) -> String {
+    let mut out = String::new();
+    let f = |v: &Value| {
+        v.as_f64().map_or("-".to_string(), |x| {
+            if x.is_finite() {
+                format!("{x:.2}")
+            } else {
+                "-".into()
+            }
+        })
+    };
+    out.push_str(&format!(
+        "vncgate RSS with 0 sessions: {} KiB\n\n",
+        doc["rss_idle_daemon_kib"]
+    ));
+    out.push_str("| N | proxy | MB/s (x relay, spread) | CPU s/GB (x relay) | RTT p50 / p99 / max ms (p99 x relay) | idle KiB/session | failures |\n");
+    out.push_str("|---|---|---|---|---|---|---|\n");
+    if let Some(results) = doc["results"].as_object() {
+        let mut keys: Vec<&String> = results.keys().collect();
+        keys.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
+        for n in keys {
+            let r = &results[n];
+            for name in [
+                "direct",
+                "tcp-relay",
+                "vncgate",
+                "websockify-per-process",
+                "websockify-one-process",
+            ] {
+                let p = &r["proxies"][name];
+                if p.is_null() {
+                    continue;
+                }
+                out.push_str(&format!(
+                    "| {n} | {name} | {} ({}x, {}-{}) | {} ({}x) | {} / {} / {} ({}x) | {} | {} |\n",
+                    f(&p["mb_s"]), f(&p["mb_s_ratio"]), f(&p["mb_s_ratio_min"]), f(&p["mb_s_ratio_max"]),
+                    f(&p["cpu_s_per_gb"]), f(&p["cpu_ratio"]),
+                    f(&p["rtt_p50_ms"]), f(&p["rtt_p99_ms"]), f(&p["rtt_max_ms"]), f(&p["rtt_p99_ratio"]),
+                    f(&p["idle_kib_per_session"]), p["failures"]
+                ));
+            }
+        }
+        out.push_str("\n| N | open N sequential s | open N, 16 at once s | one open p50 / p99 ms | state commit ms |\n|---|---|---|---|---|\n");
+        let mut keys: Vec<&String> = results.keys().collect();
+        keys.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
+        for n in keys {
+            let o = &results[n]["open"];
+            out.push_str(&format!(
+                "| {n} | {} | {} | {} / {} | {} |\n",
+                f(&o["sequential_s"]),
+                f(&o["parallel16_s"]),
+                f(&o["p50_ms"]),
+                f(&o["p99_ms"]),
+                f(&o["commit_ms"])
+            ));
+        }
+    }
+    out
+}
