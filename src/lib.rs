@@ -13,6 +13,7 @@
 //! - [`server`]: one session port: accept loop, HTTP routing, WebSocket upgrade, token check.
 //! - [`relay`]: WebSocket <-> VNC byte relay with backpressure, and VNC target parsing.
 //! - [`web`]: console page assets: lookup, MIME types, caching.
+//! - [`ws`]: WebSocket framing for the relay: lazy, zero-copy frame reader and writer.
 //! - [`api`]: control API handlers and the JSON error mapping.
 //! - [`daemon`]: wires the pieces into a running daemon and shuts it down.
 //! - [`client`]: the CLI's client of the control API.
@@ -28,6 +29,7 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod web;
+pub mod ws;
 
 pub use config::Config;
 pub use daemon::{Daemon, DaemonError, raise_nofile_limit};

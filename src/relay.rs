@@ -10,37 +10,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream, tcp};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
+
+use crate::ws::{self, Event, FrameReader, FrameWriter, ReadSide, WsError};
 
 /// How long connecting to a VNC server may take before the viewer is told it is unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes read from the VNC server per WebSocket frame: a framebuffer update arrives in few
-/// frames, and one buffer of this size per viewer bounds the memory a stalled browser costs.
-const CHUNK: usize = 64 * 1024;
-/// VNC client messages are small; clipboard text is the largest. Anything beyond this is junk.
-pub const MAX_CLIENT_MESSAGE: usize = 4 << 20;
+/// First read from the VNC server after a quiet spell; doubles while reads fill the buffer.
+const MIN_READ: usize = 32 * 1024;
+/// Largest read, so largest frame: a full-screen update goes out in few frames and syscalls,
+/// and a viewer that stopped reading holds at most this much here.
+const MAX_READ: usize = 256 * 1024;
+/// VNC client messages are small; clipboard text is the largest. A bigger frame is junk.
+pub const MAX_CLIENT_FRAME: u64 = 4 << 20;
 /// How long a close frame may take to go out before the connection is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// tungstenite limits for a console connection: small eager buffers (an idle viewer costs little)
-/// and bounded incoming messages.
-pub fn websocket_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(CHUNK * 4)
-        .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
-}
 
 /// Where a session's WebSocket goes: a VNC server over TCP or a unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,44 +185,34 @@ fn describe_connect_error(err: &io::Error) -> String {
     }
 }
 
-/// Close reasons are limited to 123 bytes by the protocol.
-fn close_message(code: u16, reason: &str) -> Message {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason[..end].to_owned().into(),
-    }))
+/// A viewer's WebSocket, after the upgrade.
+pub struct ClientConn {
+    pub reader: FrameReader,
+    pub writer: FrameWriter<tcp::OwnedWriteHalf>,
 }
 
-/// Sends a close frame (if the connection still takes one) within [`CLOSE_GRACE`].
-pub async fn close_websocket<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = tokio::time::timeout(CLOSE_GRACE, ws.send(close_message(code, reason))).await;
+impl ClientConn {
+    /// Sends a close frame (if the connection still takes one) within [`CLOSE_GRACE`].
+    pub async fn close(&mut self, code: u16, reason: &str) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.writer.close(code, reason)).await;
+    }
 }
 
 /// Connects to `target` and relays until either side closes or `cancel` fires; on cancel the
 /// viewer gets the close frame `cancel_frame` returns (it knows why the session cancelled).
-pub async fn run_relay<S>(
-    mut ws: WebSocketStream<S>,
+pub async fn run_relay(
+    mut client: ClientConn,
     target: &Target,
     cancel: &CancellationToken,
     cancel_frame: impl FnOnce() -> (u16, &'static str),
     traffic: &Traffic,
     settings: RelaySettings,
-) -> Outcome
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Outcome {
     let connected = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, target.connect()) => r,
         _ = cancel.cancelled() => {
             let (code, reason) = cancel_frame();
-            close_websocket(&mut ws, code, reason).await;
+            client.close(code, reason).await;
             return Outcome::Cancelled;
         }
     };
@@ -245,97 +223,111 @@ where
                 "VNC server {target} unreachable: {}",
                 describe_connect_error(&err)
             );
-            close_websocket(&mut ws, 1011, &why).await;
+            client.close(1011, &why).await;
             return Outcome::Unreachable(why);
         }
         Err(_elapsed) => {
             let why = format!("VNC server {target} unreachable: timed out");
-            close_websocket(&mut ws, 1011, &why).await;
+            client.close(1011, &why).await;
             return Outcome::Unreachable(why);
         }
     };
     let outcome = match stream {
         TargetStream::Tcp(s) => {
             let (r, w) = s.into_split();
-            pump(&mut ws, r, w, cancel, traffic, settings).await
+            pump(&mut client, ReadSide::Tcp(r), w, cancel, traffic, settings).await
         }
         TargetStream::Unix(s) => {
             let (r, w) = s.into_split();
-            pump(&mut ws, r, w, cancel, traffic, settings).await
+            pump(&mut client, ReadSide::Unix(r), w, cancel, traffic, settings).await
         }
     };
     // The VNC socket is closed by now (pump owned it), so the server has its EOF already.
     match &outcome {
-        Outcome::ServerClosed => {
-            close_websocket(&mut ws, 1000, "VNC server closed the connection").await
-        }
+        Outcome::ServerClosed => client.close(1000, "VNC server closed the connection").await,
         Outcome::Cancelled => {
             let (code, reason) = cancel_frame();
-            close_websocket(&mut ws, code, reason).await;
+            client.close(code, reason).await;
         }
-        Outcome::ClientClosed => {
-            // Flushes tungstenite's queued reply to the viewer's close frame.
-            let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(None)).await;
-        }
-        Outcome::IdleTimeout => close_websocket(&mut ws, 1001, "idle timeout").await,
-        Outcome::PingTimeout => close_websocket(&mut ws, 1001, "keepalive timeout").await,
+        // The reply to the viewer's own close frame.
+        Outcome::ClientClosed => client.close(1000, "").await,
+        Outcome::IdleTimeout => client.close(1001, "idle timeout").await,
+        Outcome::PingTimeout => client.close(1001, "keepalive timeout").await,
         Outcome::ClientMisbehaved(why) => {
             let code = if why.starts_with("message too big") {
                 1009
             } else {
                 1002
             };
-            close_websocket(&mut ws, code, why).await;
+            client.close(code, why).await;
         }
-        Outcome::TargetFailed(why) => close_websocket(&mut ws, 1011, why).await,
+        Outcome::TargetFailed(why) => client.close(1011, why).await,
         Outcome::ClientGone(_) | Outcome::Unreachable(_) => {}
     }
     outcome
 }
 
-/// Relays until one side ends. Owns the VNC socket halves, so returning closes them.
-async fn pump<S, R, W>(
-    ws: &mut WebSocketStream<S>,
-    mut server_rx: R,
+/// Control frames the reading side asks the writing side to send.
+enum Control {
+    Pong(Bytes),
+}
+
+/// Relays until one side ends. Owns the VNC socket halves, so returning closes them. Each
+/// direction is its own loop over its own socket half: no lock is taken per frame.
+async fn pump<W>(
+    client: &mut ClientConn,
+    mut server_rx: ReadSide,
     mut server_tx: W,
     cancel: &CancellationToken,
     traffic: &Traffic,
     settings: RelaySettings,
 ) -> Outcome
 where
-    S: AsyncRead + AsyncWrite + Unpin,
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let start = Instant::now();
     let elapsed_ms = || start.elapsed().as_millis() as u64;
     let last_pong = AtomicU64::new(0);
     let last_data = AtomicU64::new(0);
-    let (mut sink, mut stream) = ws.split();
+    // Pongs are advisory: if the writer is stuck, extra ones are dropped rather than queued.
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
+    let ClientConn { reader, writer } = client;
 
     let to_client = async {
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        let mut buf = BytesMut::new();
+        let mut want = MIN_READ;
         let mut ping =
             tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                read = server_rx.read_buf(&mut buf) => match read {
+                read = server_rx.read_lazy(&mut buf, want) => match read {
                     Ok(0) => return Outcome::ServerClosed,
                     Ok(n) => {
                         last_data.store(elapsed_ms(), Ordering::Relaxed);
-                        let frame = buf.split().freeze();
-                        if let Err(err) = sink.send(Message::Binary(frame)).await {
+                        if let Err(err) = writer.send(ws::OP_BINARY, &buf).await {
                             return Outcome::ClientGone(err.to_string());
                         }
                         traffic.to_client.fetch_add(n as u64, Ordering::Relaxed);
-                        // Reclaims the same allocation once the frame has been written.
-                        buf.reserve(CHUNK);
+                        if n >= want {
+                            // The server has more: read more at once next time.
+                            want = (want * 2).min(MAX_READ);
+                            buf.clear();
+                        } else {
+                            // Drained: hold no buffer while the screen is still.
+                            buf = BytesMut::new();
+                            want = MIN_READ;
+                        }
                     }
                     Err(err) => return Outcome::TargetFailed(format!("VNC server connection failed: {err}")),
                 },
+                Some(Control::Pong(payload)) = control_rx.recv() => {
+                    if let Err(err) = writer.send(ws::OP_PONG, &payload).await {
+                        return Outcome::ClientGone(err.to_string());
+                    }
+                }
                 _ = ping.tick() => {
-                    if let Err(err) = sink.send(Message::Ping(Bytes::new())).await {
+                    if let Err(err) = writer.send(ws::OP_PING, &[]).await {
                         return Outcome::ClientGone(err.to_string());
                     }
                 }
@@ -345,8 +337,8 @@ where
 
     let to_server = async {
         loop {
-            match stream.next().await {
-                Some(Ok(Message::Binary(data))) => {
+            match reader.next().await {
+                Ok(Event::Data(data)) => {
                     last_data.store(elapsed_ms(), Ordering::Relaxed);
                     if let Err(err) = server_tx.write_all(&data).await {
                         return Outcome::TargetFailed(format!(
@@ -357,19 +349,15 @@ where
                         .to_server
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                Some(Ok(Message::Pong(_))) => last_pong.store(elapsed_ms(), Ordering::Relaxed),
-                Some(Ok(Message::Close(_))) => return Outcome::ClientClosed,
-                // VNC is binary; text frames carry nothing the server could use. Pings are
-                // answered by tungstenite itself.
-                Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Frame(_))) => {}
-                Some(Err(err @ tungstenite::Error::Capacity(_))) => {
-                    return Outcome::ClientMisbehaved(format!("message too big: {err}"));
+                Ok(Event::Ping(payload)) => {
+                    let _ = control_tx.try_send(Control::Pong(payload));
                 }
-                Some(Err(err @ tungstenite::Error::Protocol(_))) => {
-                    return Outcome::ClientMisbehaved(format!("protocol error: {err}"));
+                Ok(Event::Pong) => last_pong.store(elapsed_ms(), Ordering::Relaxed),
+                Ok(Event::Close(_)) => return Outcome::ClientClosed,
+                Err(err @ (WsError::TooBig(_) | WsError::Protocol(_))) => {
+                    return Outcome::ClientMisbehaved(err.to_string());
                 }
-                Some(Err(err)) => return Outcome::ClientGone(err.to_string()),
-                None => return Outcome::ClientGone("connection ended".into()),
+                Err(err) => return Outcome::ClientGone(err.to_string()),
             }
         }
     };
@@ -450,15 +438,6 @@ mod tests {
                 input.parse::<Target>().is_err(),
                 "{input} should be refused"
             );
-        }
-    }
-
-    #[test]
-    fn close_reasons_are_truncated_on_a_char_boundary() {
-        let long = "é".repeat(100);
-        match close_message(1011, &long) {
-            Message::Close(Some(frame)) => assert!(frame.reason.len() <= 123),
-            other => panic!("unexpected {other:?}"),
         }
     }
 }

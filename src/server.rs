@@ -15,17 +15,16 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::pool::PortLease;
-use crate::relay::{self, Outcome, RelaySettings};
+use crate::relay::{self, ClientConn, Outcome, RelaySettings};
 use crate::sessions::Session;
 use crate::web::{self, Body, WebRoot, full};
+use crate::ws::{FrameReader, FrameWriter, ReadSide};
 
 /// A client that has not sent its request headers by then is dropped (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -311,21 +310,32 @@ async fn serve_viewer(
         },
         _ = session.cancelled() => return,
     };
-    let mut ws = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(relay::websocket_config()),
-    )
-    .await;
+    // Our own connections are plain TCP under hyper; take the socket back for the relay.
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            warn!(vm_id = %session.vm_id, port = session.port, %peer, "upgraded connection is not a TCP socket; dropped");
+            return;
+        }
+    };
+    let (read_half, write_half) = parts.io.into_inner().into_split();
+    let mut client = ClientConn {
+        reader: FrameReader::new(
+            ReadSide::Tcp(read_half),
+            parts.read_buf,
+            relay::MAX_CLIENT_FRAME,
+        ),
+        writer: FrameWriter::new(write_half),
+    };
     let Some(guard) = session.add_viewer(peer, ctx.max_viewers) else {
         info!(vm_id = %session.vm_id, port = session.port, %peer, "viewer refused: too many viewers");
-        relay::close_websocket(&mut ws, 1013, "too many viewers").await;
+        client.close(1013, "too many viewers").await;
         return;
     };
     let ticket = session.ticket();
     info!(vm_id = %session.vm_id, port = session.port, %peer, viewer = guard.viewer().id, target = %ticket.target, "viewer connected");
     let outcome = relay::run_relay(
-        ws,
+        client,
         &ticket.target,
         &ticket.cancel,
         || session.cancel_frame(),

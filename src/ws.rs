@@ -1,0 +1,498 @@
+//! WebSocket framing for the relay (RFC 6455, server side, no extensions).
+//!
+//! The reader unmasks client data in place and hands binary payload on in pieces as it arrives,
+//! so a large client message never has to fit in memory and fragmented messages need no
+//! reassembly (VNC is a byte stream). The writer sends a frame header and its payload with one
+//! vectored write, without copying the payload. Both keep no buffer while the socket is idle.
+
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{tcp, unix};
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Bytes read from a client at a time: its messages are small (keys, pointer, clipboard).
+const CLIENT_READ: usize = 16 * 1024;
+
+/// Why a client's WebSocket stream cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("message too big: a frame of {0} bytes exceeds the limit")]
+    TooBig(u64),
+    #[error("connection ended")]
+    Eof,
+}
+
+/// What a client sent.
+#[derive(Debug)]
+pub enum Event {
+    /// Unmasked payload of a binary message (a piece of a frame, in order).
+    Data(BytesMut),
+    Ping(Bytes),
+    Pong,
+    /// A close frame: its code, if any.
+    Close(Option<u16>),
+}
+
+/// The read side of a socket, read only when readable so an idle one holds no buffer.
+pub enum ReadSide {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+}
+
+impl ReadSide {
+    /// Waits for data, then reads up to `want` bytes into `buf` (which may start empty and
+    /// unallocated). Returns 0 at EOF. Cancel-safe.
+    pub async fn read_lazy(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        loop {
+            match self {
+                ReadSide::Tcp(r) => r.readable().await?,
+                ReadSide::Unix(r) => r.readable().await?,
+            }
+            buf.reserve(want);
+            let read = match self {
+                ReadSide::Tcp(r) => r.try_read_buf(buf),
+                ReadSide::Unix(r) => r.try_read_buf(buf),
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Sends frames; owned by one task, so no lock is taken per frame.
+pub struct FrameWriter<W> {
+    io: W,
+}
+
+/// The header of an unmasked server frame; returns its length.
+fn encode_header(head: &mut [u8; 10], opcode: u8, len: usize) -> usize {
+    head[0] = 0x80 | opcode;
+    if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if len <= 0xffff {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(io: W) -> Self {
+        FrameWriter { io }
+    }
+
+    /// One complete frame: header and payload in one vectored write (no copy of the payload).
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut head = [0u8; 10];
+        let n = encode_header(&mut head, opcode, payload.len());
+        let mut bufs = [IoSlice::new(&head[..n]), IoSlice::new(payload)];
+        let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+        while !slices.is_empty() {
+            let written = self.io.write_vectored(slices).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, written);
+        }
+        Ok(())
+    }
+
+    /// A close frame with a code and a reason (cut to the protocol's 123 bytes).
+    pub async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut payload = Vec::with_capacity(2 + end);
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(&reason.as_bytes()[..end]);
+        self.send(OP_CLOSE, &payload).await?;
+        self.io.shutdown().await
+    }
+}
+
+/// Where the reader is in the frame stream.
+#[derive(Debug, Clone, Copy)]
+enum ReadState {
+    Header,
+    /// Inside a data frame's payload.
+    Payload {
+        left: u64,
+        mask: [u8; 4],
+        /// Position in the mask cycle.
+        offset: usize,
+        /// Binary payload is handed on; text payload is skipped.
+        binary: bool,
+    },
+}
+
+/// Reads a client's frames.
+pub struct FrameReader {
+    io: ReadSide,
+    buf: BytesMut,
+    state: ReadState,
+    /// Opcode of a fragmented message in progress.
+    message: Option<u8>,
+    /// Whether the frame being read ends its message.
+    fin: bool,
+    max_frame: u64,
+}
+
+fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= mask[(offset + i) & 3];
+    }
+}
+
+impl FrameReader {
+    /// `leftover` is what the HTTP layer read past the upgrade request.
+    pub fn new(io: ReadSide, leftover: Bytes, max_frame: u64) -> Self {
+        FrameReader {
+            io,
+            buf: BytesMut::from(&leftover[..]),
+            state: ReadState::Header,
+            message: None,
+            fin: true,
+            max_frame,
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), WsError> {
+        if self.buf.is_empty() {
+            // Drop the old allocation while waiting: an idle viewer costs no buffer.
+            self.buf = BytesMut::new();
+        }
+        match self.io.read_lazy(&mut self.buf, CLIENT_READ).await? {
+            0 => Err(WsError::Eof),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next thing the client sent. Text messages are skipped (VNC is binary).
+    pub async fn next(&mut self) -> Result<Event, WsError> {
+        loop {
+            match self.state {
+                ReadState::Header => {
+                    let Some(head) = parse_header(&self.buf)? else {
+                        self.fill().await?;
+                        continue;
+                    };
+                    if let Some(event) = self.start_frame(head).await? {
+                        return Ok(event);
+                    }
+                }
+                ReadState::Payload {
+                    left,
+                    mask,
+                    offset,
+                    binary,
+                } => {
+                    if left == 0 {
+                        self.end_frame();
+                        continue;
+                    }
+                    if self.buf.is_empty() {
+                        self.fill().await?;
+                    }
+                    let n = (left as usize).min(self.buf.len());
+                    let mut chunk = self.buf.split_to(n);
+                    let left = left - n as u64;
+                    self.state = ReadState::Payload {
+                        left,
+                        mask,
+                        offset: offset + n,
+                        binary,
+                    };
+                    if left == 0 {
+                        self.end_frame();
+                    }
+                    if binary {
+                        unmask(&mut chunk, mask, offset);
+                        return Ok(Event::Data(chunk));
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_frame(&mut self) {
+        if self.fin {
+            self.message = None;
+        }
+        self.state = ReadState::Header;
+    }
+
+    /// Checks a parsed header; a control frame is read whole and returned, a data frame
+    /// switches to its payload.
+    async fn start_frame(&mut self, head: Header) -> Result<Option<Event>, WsError> {
+        if head.opcode >= 0x8 {
+            if !head.fin || head.len > 125 {
+                return Err(WsError::Protocol("fragmented or oversized control frame"));
+            }
+            let total = head.header_len + head.len as usize;
+            while self.buf.len() < total {
+                self.fill().await?;
+            }
+            self.buf.advance(head.header_len);
+            let mut payload = self.buf.split_to(head.len as usize);
+            unmask(&mut payload, head.mask, 0);
+            return match head.opcode {
+                OP_PING => Ok(Some(Event::Ping(payload.freeze()))),
+                OP_PONG => Ok(Some(Event::Pong)),
+                OP_CLOSE => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    Ok(Some(Event::Close(code)))
+                }
+                _ => Err(WsError::Protocol("unknown control opcode")),
+            };
+        }
+        let kind = match (head.opcode, self.message) {
+            (OP_CONTINUATION, Some(kind)) => kind,
+            (OP_CONTINUATION, None) => {
+                return Err(WsError::Protocol("continuation frame outside a message"));
+            }
+            (OP_TEXT | OP_BINARY, None) => head.opcode,
+            (OP_TEXT | OP_BINARY, Some(_)) => {
+                return Err(WsError::Protocol("new message inside a fragmented one"));
+            }
+            _ => return Err(WsError::Protocol("unknown data opcode")),
+        };
+        if head.len > self.max_frame {
+            return Err(WsError::TooBig(head.len));
+        }
+        self.buf.advance(head.header_len);
+        self.message = Some(kind);
+        self.fin = head.fin;
+        self.state = ReadState::Payload {
+            left: head.len,
+            mask: head.mask,
+            offset: 0,
+            binary: kind == OP_BINARY,
+        };
+        Ok(None)
+    }
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    fin: bool,
+    opcode: u8,
+    len: u64,
+    mask: [u8; 4],
+    header_len: usize,
+}
+
+/// The header at the start of `buf`, or `None` if it is not all there yet.
+fn parse_header(buf: &[u8]) -> Result<Option<Header>, WsError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(WsError::Protocol("reserved bits set without an extension"));
+    }
+    if b1 & 0x80 == 0 {
+        return Err(WsError::Protocol("client frames must be masked"));
+    }
+    let (len, at) = match b1 & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    if buf.len() < at + 4 {
+        return Ok(None);
+    }
+    let mut mask = [0u8; 4];
+    mask.copy_from_slice(&buf[at..at + 4]);
+    Ok(Some(Header {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0f,
+        len,
+        mask,
+        header_len: at + 4,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    /// A reader over a socket pair fed with `wire`, in pieces of `piece` bytes.
+    async fn read_all(wire: Vec<u8>, piece: usize) -> (Vec<u8>, Vec<String>) {
+        let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
+        let (r, _w) = a.into_split();
+        let writer = tokio::spawn(async move {
+            for c in wire.chunks(piece) {
+                b.write_all(c).await.expect("write");
+            }
+            b
+        });
+        let mut reader = FrameReader::new(ReadSide::Unix(r), Bytes::new(), 1 << 20);
+        let mut data = Vec::new();
+        let mut events = Vec::new();
+        loop {
+            match reader.next().await {
+                Ok(Event::Data(d)) => data.extend_from_slice(&d),
+                Ok(Event::Close(code)) => {
+                    events.push(format!("close {code:?}"));
+                    break;
+                }
+                Ok(other) => events.push(format!("{other:?}")),
+                Err(e) => {
+                    events.push(format!("error {e}"));
+                    break;
+                }
+            }
+        }
+        // The writer may still be blocked on what the reader refused to read.
+        drop(reader);
+        writer.abort();
+        (data, events)
+    }
+
+    #[tokio::test]
+    async fn fragmented_masked_binary_with_interleaved_control_frames() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        let mut wire = masked(OP_BINARY, false, b"hel", [1, 2, 3, 4]);
+        wire.extend(masked(OP_PING, true, b"p", [9, 9, 9, 9]));
+        wire.extend(masked(OP_CONTINUATION, true, b"lo", [5, 6, 7, 8]));
+        wire.extend(masked(OP_TEXT, true, b"ignored", [1, 1, 1, 1]));
+        wire.extend(masked(OP_BINARY, true, &big, [0xde, 0xad, 0xbe, 0xef]));
+        wire.extend(masked(OP_CLOSE, true, &1000u16.to_be_bytes(), [3, 3, 3, 3]));
+        for piece in [1, 3, 7, 1000, 1 << 20] {
+            let (data, events) = read_all(wire.clone(), piece).await;
+            let mut want = b"hello".to_vec();
+            want.extend_from_slice(&big);
+            assert!(data == want, "piece {piece}: payload differs");
+            assert_eq!(
+                events,
+                vec!["Ping(b\"p\")".to_string(), "close Some(1000)".into()],
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_are_errors() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![0x82, 0x01, b'x'], "masked"),
+            (vec![0xC2, 0x80, 0, 0, 0, 0], "reserved"),
+            (masked(OP_CONTINUATION, true, b"x", [0; 4]), "continuation"),
+            (masked(OP_PING, false, b"x", [0; 4]), "control"),
+            (
+                masked(OP_BINARY, true, &vec![0; 2 << 20], [0; 4]),
+                "too big",
+            ),
+        ];
+        for (wire, want) in cases {
+            let (_, events) = read_all(wire, 4096).await;
+            assert!(
+                events.last().is_some_and(|e| e.contains(want)),
+                "{want}: {events:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn close_reasons_are_cut_on_a_char_boundary() {
+        let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
+        let mut w = FrameWriter::new(a);
+        w.close(1011, &"é".repeat(100)).await.expect("close");
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut b, &mut out)
+            .await
+            .expect("read");
+        assert_eq!(out[0], 0x88);
+        let len = out[1] as usize;
+        assert!(len <= 125);
+        assert!(std::str::from_utf8(&out[4..2 + len]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn frames_are_written_with_the_right_headers() {
+        let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
+        let mut w = FrameWriter::new(a);
+        for len in [0usize, 125, 126, 65_535, 65_536] {
+            w.send(OP_BINARY, &vec![7u8; len]).await.expect("send");
+            let mut head = [0u8; 2];
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut head)
+                .await
+                .expect("head");
+            assert_eq!(head[0], 0x82);
+            let got = match head[1] {
+                126 => {
+                    let mut l = [0u8; 2];
+                    tokio::io::AsyncReadExt::read_exact(&mut b, &mut l)
+                        .await
+                        .expect("len");
+                    u16::from_be_bytes(l) as usize
+                }
+                127 => {
+                    let mut l = [0u8; 8];
+                    tokio::io::AsyncReadExt::read_exact(&mut b, &mut l)
+                        .await
+                        .expect("len");
+                    u64::from_be_bytes(l) as usize
+                }
+                n => n as usize,
+            };
+            assert_eq!(got, len);
+            let mut payload = vec![0u8; len];
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut payload)
+                .await
+                .expect("payload");
+            assert!(payload.iter().all(|&x| x == 7));
+        }
+    }
+}
