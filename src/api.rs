@@ -248,6 +248,17 @@ pub struct Status {
     pub warnings: Vec<String>,
     pub uptime_s: u64,
     pub version: String,
+    /// The durable state file and the cost of its writes.
+    pub state: StateStatus,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StateStatus {
+    pub file: String,
+    pub writes: u64,
+    pub failed_writes: u64,
+    pub last_write_ms: f64,
+    pub mean_write_ms: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -300,6 +311,23 @@ async fn status(State(state): State<ApiState>) -> Json<Status> {
         warnings,
         uptime_s: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").into(),
+        state: {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = state.registry.commit_stats();
+            let writes = c.writes.load(Relaxed);
+            let total = c.total_write_us.load(Relaxed);
+            StateStatus {
+                file: state.registry.state_path().display().to_string(),
+                writes,
+                failed_writes: c.failures.load(Relaxed),
+                last_write_ms: c.last_write_us.load(Relaxed) as f64 / 1000.0,
+                mean_write_ms: if writes == 0 {
+                    0.0
+                } else {
+                    total as f64 / writes as f64 / 1000.0
+                },
+            }
+        },
     })
 }
 

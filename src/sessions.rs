@@ -412,6 +412,10 @@ impl SessionRegistry {
         &self.pool
     }
 
+    pub fn state_path(&self) -> &std::path::Path {
+        &self.state_path
+    }
+
     pub fn commit_stats(&self) -> &CommitStats {
         &self.commit_stats
     }

@@ -178,7 +178,9 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<SessionRecord>, String> {
 
 /// Temp file in the same directory, fsync, rename over the file, fsync the directory.
 pub fn write_atomic(path: &Path, doc: &StateDoc) -> io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(doc).map_err(io::Error::other)?;
+    // Compact: 800 sessions serialise and write in a fraction of a pretty file's time.
+    let mut bytes = serde_json::to_vec(doc).map_err(io::Error::other)?;
+    bytes.push(b'\n');
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
@@ -196,7 +198,8 @@ pub fn write_atomic(path: &Path, doc: &StateDoc) -> io::Result<()> {
     let result = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(&bytes)?;
-        file.sync_all()?;
+        // fdatasync: the data and the size needed to read it back; mtime can wait.
+        file.sync_data()?;
         std::fs::rename(&tmp, path)?;
         File::open(&dir)?.sync_all()
     })();
@@ -233,6 +236,8 @@ pub struct CommitStats {
     pub writes: std::sync::atomic::AtomicU64,
     pub failures: std::sync::atomic::AtomicU64,
     pub last_write_us: std::sync::atomic::AtomicU64,
+    /// Sum over all writes, for the mean.
+    pub total_write_us: std::sync::atomic::AtomicU64,
 }
 
 /// Starts the one writer of `path`. `snapshot` is called once per write, after the requests it
@@ -258,21 +263,23 @@ pub fn spawn_writer(
             while let Ok(w) = rx.try_recv() {
                 batch.push(w);
             }
+            // Timed from the snapshot to the directory's fsync: the whole cost of a commit.
+            let started = std::time::Instant::now();
             let result = match snapshot() {
                 None => Err(CommitError("the session table is gone".into())),
                 Some(doc) => {
                     let file = path.clone();
-                    let started = std::time::Instant::now();
                     let written = tokio::task::spawn_blocking(move || write_atomic(&file, &doc))
                         .await
                         .map_err(|e| io::Error::other(e.to_string()))
                         .and_then(|r| r);
-                    stats
-                        .last_write_us
-                        .store(started.elapsed().as_micros() as u64, Relaxed);
                     written.map_err(|e| CommitError(format!("{}: {e}", path.display())))
                 }
             };
+            let us = started.elapsed().as_micros() as u64;
+            stats.last_write_us.store(us, Relaxed);
+            stats.total_write_us.fetch_add(us, Relaxed);
+            tracing::debug!(us, calls = batch.len(), "state commit");
             match &result {
                 Ok(()) => {
                     stats.writes.fetch_add(1, Relaxed);
