@@ -22,9 +22,6 @@ use crate::ws::{self, Event, FrameReader, FrameWriter, ReadSide, WsError};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First read from the VNC server after a quiet spell; doubles while reads fill the buffer.
 const MIN_READ: usize = 64 * 1024;
-/// Most bytes one splice moves: a pipe's default capacity, within the per-user pipe budget
-/// even with hundreds of viewers.
-const SPLICE_MAX: usize = 64 * 1024;
 /// A read smaller than this means the screen went quiet: the buffer is released until the
 /// next update, so idle viewers hold none.
 const RELEASE_BELOW: usize = 8 * 1024;
@@ -299,11 +296,6 @@ where
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
     let ClientConn { reader, writer } = client;
 
-    // Zero-copy path: VNC socket -> pipe -> viewer socket. Without a pipe (descriptor limit),
-    // the copying path below does the same job.
-    let splicer =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC).ok();
-
     let to_client = async {
         let mut buf = BytesMut::new();
         let mut want = MIN_READ;
@@ -312,25 +304,7 @@ where
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                ready = server_rx.readable(), if splicer.is_some() => {
-                    let Some((pipe_r, pipe_w)) = &splicer else { continue };
-                    if let Err(err) = ready {
-                        return Outcome::TargetFailed(format!("VNC server connection failed: {err}"));
-                    }
-                    match server_rx.try_splice_to(pipe_w, SPLICE_MAX) {
-                        Ok(0) => return Outcome::ServerClosed,
-                        Ok(n) => {
-                            last_data.store(elapsed_ms(), Ordering::Relaxed);
-                            if let Err(err) = writer.send_spliced(pipe_r, n).await {
-                                return Outcome::ClientGone(err.to_string());
-                            }
-                            traffic.to_client.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(err) => return Outcome::TargetFailed(format!("VNC server connection failed: {err}")),
-                    }
-                }
-                read = server_rx.read_lazy(&mut buf, want), if splicer.is_none() => match read {
+                read = server_rx.read_lazy(&mut buf, want) => match read {
                     Ok(0) => return Outcome::ServerClosed,
                     Ok(n) => {
                         last_data.store(elapsed_ms(), Ordering::Relaxed);

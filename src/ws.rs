@@ -6,10 +6,6 @@
 //! vectored write, without copying the payload. Both keep no buffer while the socket is idle.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-
-use nix::fcntl::SpliceFFlags;
-use tokio::io::Interest;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -56,33 +52,6 @@ pub enum ReadSide {
 }
 
 impl ReadSide {
-    /// Waits until the socket has data (or EOF). Cancel-safe.
-    pub async fn readable(&self) -> io::Result<()> {
-        match self {
-            ReadSide::Tcp(r) => r.readable().await,
-            ReadSide::Unix(r) => r.readable().await,
-        }
-    }
-
-    /// Moves up to `len` waiting bytes into a pipe without copying them through user space.
-    /// `WouldBlock` when nothing is waiting; 0 at EOF.
-    pub fn try_splice_to(&self, pipe_w: &OwnedFd, len: usize) -> io::Result<usize> {
-        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
-        let splice_from = |fd: BorrowedFd<'_>| {
-            nix::fcntl::splice(fd, None, pipe_w, None, len, flags).map_err(io::Error::from)
-        };
-        match self {
-            ReadSide::Tcp(r) => {
-                let s: &tokio::net::TcpStream = r.as_ref();
-                s.try_io(Interest::READABLE, || splice_from(s.as_fd()))
-            }
-            ReadSide::Unix(r) => {
-                let s: &tokio::net::UnixStream = r.as_ref();
-                s.try_io(Interest::READABLE, || splice_from(s.as_fd()))
-            }
-        }
-    }
-
     /// Waits for data, then reads up to `want` bytes into `buf` (which may start empty and
     /// unallocated). Returns 0 at EOF. Cancel-safe.
     pub async fn read_lazy(&self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
@@ -131,10 +100,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         FrameWriter { io }
     }
 
-    pub fn get_ref(&self) -> &W {
-        &self.io
-    }
-
     /// One complete frame: header and payload in one vectored write (no copy of the payload).
     pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
         let mut head = [0u8; 10];
@@ -147,47 +112,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             IoSlice::advance_slices(&mut slices, written);
-        }
-        Ok(())
-    }
-
-    /// One binary frame whose `len` payload bytes wait in `pipe_r`: the header goes with
-    /// MSG_MORE, the payload is spliced from the pipe into the socket. No user-space copy.
-    pub async fn send_spliced(&mut self, pipe_r: &OwnedFd, len: usize) -> io::Result<()>
-    where
-        W: AsRef<tokio::net::TcpStream>,
-    {
-        use nix::sys::socket::{MsgFlags, send};
-        use std::os::fd::AsRawFd;
-        let tcp: &tokio::net::TcpStream = self.io.as_ref();
-        let mut head = [0u8; 10];
-        let head_len = encode_header(&mut head, OP_BINARY, len);
-        let mut sent = 0;
-        while sent < head_len {
-            tcp.writable().await?;
-            // MSG_MORE: the header waits for its payload instead of leaving as a tiny segment.
-            let flags = MsgFlags::from_bits_retain(nix::libc::MSG_MORE | nix::libc::MSG_NOSIGNAL);
-            match tcp.try_io(Interest::WRITABLE, || {
-                send(tcp.as_raw_fd(), &head[sent..head_len], flags).map_err(io::Error::from)
-            }) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let mut left = len;
-        while left > 0 {
-            tcp.writable().await?;
-            let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
-            match tcp.try_io(Interest::WRITABLE, || {
-                nix::fcntl::splice(pipe_r, None, tcp.as_fd(), None, left, flags)
-                    .map_err(io::Error::from)
-            }) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => left -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
         }
         Ok(())
     }
