@@ -21,10 +21,7 @@ use crate::ws::{self, Event, FrameReader, FrameWriter, ReadSide, WsError};
 /// How long connecting to a VNC server may take before the viewer is told it is unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First read from the VNC server after a quiet spell; doubles while reads fill the buffer.
-const MIN_READ: usize = 64 * 1024;
-/// A read smaller than this means the screen went quiet: the buffer is released until the
-/// next update, so idle viewers hold none.
-const RELEASE_BELOW: usize = 8 * 1024;
+const MIN_READ: usize = 32 * 1024;
 /// Largest read, so largest frame: a full-screen update goes out in few frames and syscalls,
 /// and a viewer that stopped reading holds at most this much here.
 const MAX_READ: usize = 256 * 1024;
@@ -316,13 +313,12 @@ where
                             // The server has more: read more at once next time.
                             want = (want * 2).min(MAX_READ);
                             buf.clear();
-                        } else if n < RELEASE_BELOW {
+                        } else {
+                            // Drained: give the buffer back. malloc hands the same warm block
+                            // to the next reader, which beats hundreds of viewers each keeping
+                            // a large one (measured at N=800), and idle viewers hold none.
                             buf = BytesMut::new();
                             want = MIN_READ;
-                        } else {
-                            // Keep the allocation while updates keep coming.
-                            want = (want / 2).max(MIN_READ);
-                            buf.clear();
                         }
                     }
                     Err(err) => return Outcome::TargetFailed(format!("VNC server connection failed: {err}")),
