@@ -126,19 +126,12 @@ impl TestGate {
     }
 
     pub async fn open(&self, vm_id: &str, target: &str) -> (u16, Value) {
-        let body = serde_json::json!({ "vm_id": vm_id, "target": target }).to_string();
-        self.call("POST", "/v1/sessions", Some(body.as_bytes()))
-            .await
+        api_open(&self.http, self.api, vm_id, target).await
     }
 
     /// Opens and asserts success; returns the Session.
     pub async fn open_ok(&self, vm_id: &str, target: &str) -> Value {
-        let (status, session) = self.open(vm_id, target).await;
-        assert!(
-            status == 201 || status == 200,
-            "open {vm_id}: {status} {session}"
-        );
-        session
+        expect_opened(vm_id, self.open(vm_id, target).await)
     }
 
     pub async fn close(&self, vm_id: &str) -> u16 {
@@ -184,6 +177,26 @@ pub async fn api_call(
             .unwrap_or_else(|_| panic!("non-JSON answer: {}", String::from_utf8_lossy(&bytes)))
     };
     (status, value)
+}
+
+/// `POST /v1/sessions` for `vm_id` and `target`.
+pub async fn api_open(
+    http: &Client<HttpConnector, Full<Bytes>>,
+    api: SocketAddr,
+    vm_id: &str,
+    target: &str,
+) -> (u16, Value) {
+    let body = serde_json::json!({ "vm_id": vm_id, "target": target }).to_string();
+    api_call(http, api, "POST", "/v1/sessions", Some(body.as_bytes())).await
+}
+
+/// The Session of a successful open (201 or 200); fails the test otherwise.
+pub fn expect_opened(vm_id: &str, (status, session): (u16, Value)) -> Value {
+    assert!(
+        status == 201 || status == 200,
+        "open {vm_id}: {status} {session}"
+    );
+    session
 }
 
 /// What a fake VNC server does after its greeting.
@@ -560,18 +573,12 @@ impl DaemonProcess {
     }
 
     pub async fn open(&self, vm_id: &str, target: &str) -> (u16, Value) {
-        let body = serde_json::json!({ "vm_id": vm_id, "target": target }).to_string();
-        self.call("POST", "/v1/sessions", Some(body.as_bytes()))
-            .await
+        api_open(&self.http, self.api, vm_id, target).await
     }
 
+    /// Opens and asserts success; returns the Session.
     pub async fn open_ok(&self, vm_id: &str, target: &str) -> Value {
-        let (status, session) = self.open(vm_id, target).await;
-        assert!(
-            status == 201 || status == 200,
-            "open {vm_id}: {status} {session}"
-        );
-        session
+        expect_opened(vm_id, self.open(vm_id, target).await)
     }
 }
 
