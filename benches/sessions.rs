@@ -861,6 +861,7 @@ fn orchestrate() {
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 100, 800]);
+    let opens_only = std::env::var_os("VNCGATE_BENCH_OPENS_ONLY").is_some();
 
     let mut fake = Role::spawn("fake", &[]);
     let ports: Vec<u16> = fake
@@ -911,7 +912,11 @@ fn orchestrate() {
     let daemon_pid = daemon.id();
     std::thread::sleep(Duration::from_millis(200));
     let rss0 = rss_kib(&[daemon_pid]);
-    let python = python_with_websockify();
+    let python = if std::env::var_os("VNCGATE_BENCH_NO_WEBSOCKIFY").is_some() {
+        None
+    } else {
+        python_with_websockify()
+    };
     eprintln!(
         "vncgate RSS with 0 sessions: {rss0} KiB; websockify: {}",
         python
@@ -953,6 +958,26 @@ fn orchestrate() {
             "sequential_p50_ms": percentile(&seq_lat, 0.5), "sequential_p99_ms": percentile(&seq_lat, 0.99),
             "commit_ms": commit_ms, "state_writes": writes, "disk_commit_probe_ms": disk_commit_ms,
         }));
+        if opens_only {
+            // Development aid: just the open figures, a few rounds, nothing written.
+            eprintln!("  opens: {}", row["open"]);
+            close_all(n);
+            for round in 1..3 {
+                let before = api("GET", "/v1/status", None).1;
+                let (par_s, par_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 16);
+                let after = api("GET", "/v1/status", None).1;
+                let writes = after["state"]["writes"].as_f64().unwrap_or(0.0)
+                    - before["state"]["writes"].as_f64().unwrap_or(0.0);
+                let commit_ms = (total_ms(&after) - total_ms(&before)) / writes;
+                eprintln!(
+                    "  round {round}: {par_s:.3} s, p50 {:.2} p99 {:.2} ms, commit {commit_ms:.2} ms, {writes} writes",
+                    percentile(&par_lat, 0.5),
+                    percentile(&par_lat, 0.99)
+                );
+                close_all(n);
+            }
+            continue;
+        }
         let (_, list) = api("GET", "/v1/sessions", None);
         let ws_urls: Vec<String> = list["sessions"]
             .as_array()
@@ -1159,6 +1184,9 @@ fn orchestrate() {
     }
     let _ = daemon.kill();
     let _ = daemon.wait();
+    if opens_only {
+        return;
+    }
     drop(fake);
     drop(relay);
     drop(load);

@@ -189,7 +189,10 @@ async fn open_session(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_open(body)?;
-    let (session, opened) = state.registry.open(&request.vm_id, &request.target).await?;
+    let (session, opened) = state
+        .registry
+        .run_to_end(|r| async move { r.open(&request.vm_id, &request.target).await })
+        .await?;
     let status = match opened {
         Opened::Created => StatusCode::CREATED,
         Opened::Unchanged | Opened::Retargeted => StatusCode::OK,
@@ -233,7 +236,10 @@ async fn close_session(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let vm_id = vm_id_from(path)?;
-    state.registry.close(&vm_id).await?;
+    state
+        .registry
+        .run_to_end(|r| async move { r.close(&vm_id).await })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -66,6 +66,7 @@ impl Daemon {
     /// inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let lock = state::acquire_lock(&config.state_file)?;
+        state::remove_stale_temps(&config.state_file);
         let records = state::load(&config.state_file, config.start_empty)?;
         let root = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -276,7 +276,7 @@ enum Control {
 /// direction is its own loop over its own socket half: no lock is taken per frame.
 async fn pump<W>(
     client: &mut ClientConn,
-    server_rx: ReadSide,
+    mut server_rx: ReadSide,
     mut server_tx: W,
     cancel: &CancellationToken,
     traffic: &Traffic,
@@ -301,18 +301,18 @@ where
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                read = server_rx.read_lazy(&mut buf, want) => match read {
+                read = server_rx.read_lazy(&mut buf, want, ws::HEADROOM) => match read {
                     Ok(0) => return Outcome::ServerClosed,
                     Ok(n) => {
                         last_data.store(elapsed_ms(), Ordering::Relaxed);
-                        if let Err(err) = writer.send(ws::OP_BINARY, &buf).await {
+                        if let Err(err) = writer.send_in_place(ws::OP_BINARY, &mut buf).await {
                             return Outcome::ClientGone(err.to_string());
                         }
                         traffic.to_client.fetch_add(n as u64, Ordering::Relaxed);
                         if n >= want {
                             // The server has more: read more at once next time.
                             want = (want * 2).min(MAX_READ);
-                            buf.clear();
+                            buf.truncate(ws::HEADROOM);
                         } else {
                             // Drained: give the buffer back. malloc hands the same warm block
                             // to the next reader, which beats hundreds of viewers each keeping

@@ -21,9 +21,7 @@ use tracing::{info, warn};
 use crate::pool::{PoolError, PortPool};
 use crate::relay::{Target, TargetError, Traffic};
 use crate::server::{self, ServerContext};
-use crate::state::{
-    self, CommitError, CommitStats, Committer, SessionRecord, StateDoc, TokenRecord,
-};
+use crate::state::{self, CommitError, CommitStats, Committer, SessionRecord, TokenRecord};
 
 /// Why a registry call failed; the API maps each to a status and code.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +108,9 @@ impl Drop for ViewerGuard {
 #[derive(Debug)]
 struct TargetSlot {
     target: Target,
+    /// This session's record in the state file, serialised once per target: a write of 800
+    /// sessions then copies bytes instead of formatting and serialising 800 records.
+    record: Arc<[u8]>,
     generation: u64,
     /// Cancelled when this generation is replaced; a child of the session's token.
     cancel: CancellationToken,
@@ -216,6 +217,13 @@ impl Session {
         if slot.target == target {
             return None;
         }
+        slot.record = render_record(
+            self.vm_id.as_str(),
+            &target,
+            self.port,
+            &self.token,
+            self.created_at,
+        );
         let old_target = std::mem::replace(&mut slot.target, target);
         let old_cancel = std::mem::replace(&mut slot.cancel, self.cancel.child_token());
         slot.generation += 1;
@@ -230,16 +238,28 @@ impl Session {
     fn restore_target(&self, undo: RetargetUndo) {
         let mut slot = lock(&self.target);
         slot.cancel.cancel();
+        slot.record = render_record(
+            self.vm_id.as_str(),
+            &undo.old_target,
+            self.port,
+            &self.token,
+            self.created_at,
+        );
         slot.target = undo.old_target;
         slot.cancel = undo.old_cancel;
         slot.generation += 1;
     }
 
+    /// Tells the listener and viewers to end, without waiting.
+    fn begin_stop(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.cancel.cancel();
+    }
+
     /// Ends the session: viewers get 1001 `session closed`, and the listener is closed (its
     /// port back in the pool) when this returns.
     async fn stop(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.cancel.cancel();
+        self.begin_stop();
         let task = lock(&self.listener_task).take();
         if let Some(task) = task
             && let Err(err) = task.await
@@ -293,6 +313,28 @@ impl Session {
     }
 }
 
+/// One session's record, as the state file holds it.
+fn render_record(
+    vm_id: &str,
+    target: &Target,
+    port: u16,
+    token: &str,
+    created_at: SystemTime,
+) -> Arc<[u8]> {
+    let record = SessionRecord {
+        vm_id: vm_id.to_owned(),
+        target: target.to_string(),
+        ws_port: port,
+        tokens: vec![TokenRecord {
+            value: token.to_owned(),
+            expires_at: None,
+        }],
+        created_at: rfc3339(created_at),
+    };
+    // A struct of strings and a number: serialising it cannot fail.
+    serde_json::to_vec(&record).unwrap_or_default().into()
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -327,7 +369,8 @@ pub struct ViewerInfo {
 /// All sessions of the daemon, by vm_id, and their durable copy.
 pub struct SessionRegistry {
     pool: Arc<PortPool>,
-    by_vm: DashMap<String, Arc<Session>>,
+    /// Shared with the undo closures a failed write runs.
+    by_vm: Arc<DashMap<String, Arc<Session>>>,
     /// Serialises open/retarget/close of one vm_id across the commit's await; different VMs
     /// proceed together and share writes.
     vm_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -391,7 +434,7 @@ impl SessionRegistry {
             );
             SessionRegistry {
                 pool,
-                by_vm: DashMap::new(),
+                by_vm: Arc::new(DashMap::new()),
                 vm_locks: DashMap::new(),
                 ctx,
                 committer,
@@ -444,6 +487,7 @@ impl SessionRegistry {
         };
         let port = lease.port();
         let cancel = self.ctx.root.child_token();
+        let record = render_record(vm_id, &target, port, &token, created_at);
         let session = Arc::new(Session {
             vm_id: vm_id.to_owned(),
             port,
@@ -451,6 +495,7 @@ impl SessionRegistry {
             created_at,
             target: Mutex::new(TargetSlot {
                 target,
+                record,
                 generation: 0,
                 cancel: cancel.child_token(),
             }),
@@ -490,12 +535,21 @@ impl SessionRegistry {
             let Some(undo) = session.retarget(target.clone()) else {
                 return Ok((session, Opened::Unchanged));
             };
-            if let Err(err) = self.committer.commit().await {
-                session.restore_target(undo);
+            // Whoever comes first takes it: the writer to undo, or we to finish.
+            let undo = Arc::new(Mutex::new(Some(undo)));
+            let (back, on_fail) = (Arc::clone(&session), Arc::clone(&undo));
+            let rollback = Box::new(move || {
+                if let Some(u) = lock(&on_fail).take() {
+                    back.restore_target(u);
+                }
+            });
+            if let Err(err) = self.committer.commit(rollback).await {
                 return Err(SessionError::Coordination(err));
             }
             // Only now, with the new target on disk, do old viewers go.
-            undo.old_cancel.cancel();
+            if let Some(u) = lock(&undo).take() {
+                u.old_cancel.cancel();
+            }
             info!(vm_id, port = session.port, %target, "session retargeted");
             return Ok((session, Opened::Retargeted));
         }
@@ -506,13 +560,37 @@ impl SessionRegistry {
             SystemTime::now(),
             PortChoice::Any,
         )?;
-        if let Err(err) = self.committer.commit().await {
-            self.by_vm.remove(vm_id);
+        let (table, gone) = (Arc::clone(&self.by_vm), Arc::clone(&session));
+        let rollback = Box::new(move || {
+            table.remove_if(&gone.vm_id, |_, s| Arc::ptr_eq(s, &gone));
+            gone.begin_stop();
+        });
+        if let Err(err) = self.committer.commit(rollback).await {
+            // Out of the table already; wait for the port to be free.
             session.stop().await;
             return Err(SessionError::Coordination(err));
         }
         info!(vm_id, port = session.port, %target, "session opened");
         Ok((session, Opened::Created))
+    }
+
+    /// Runs a change on its own tracked task: it finishes (written, or rolled back) even when
+    /// the HTTP client that asked for it hangs up half way.
+    pub async fn run_to_end<T, F>(
+        self: &Arc<Self>,
+        change: impl FnOnce(Arc<Self>) -> F,
+    ) -> Result<T, SessionError>
+    where
+        F: std::future::Future<Output = Result<T, SessionError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.ctx
+            .tracker
+            .spawn(change(Arc::clone(self)))
+            .await
+            .map_err(|e| {
+                SessionError::Coordination(CommitError(format!("the change did not finish: {e}")))
+            })?
     }
 
     pub fn get(&self, vm_id: &str) -> Option<Arc<Session>> {
@@ -546,8 +624,11 @@ impl SessionRegistry {
             .by_vm
             .remove(vm_id)
             .ok_or_else(|| SessionError::NotFound(vm_id.to_owned()))?;
-        if let Err(err) = self.committer.commit().await {
-            self.by_vm.insert(vm_id.to_owned(), session);
+        let (table, kept) = (Arc::clone(&self.by_vm), Arc::clone(&session));
+        let rollback = Box::new(move || {
+            table.entry(kept.vm_id.clone()).or_insert(kept);
+        });
+        if let Err(err) = self.committer.commit(rollback).await {
             return Err(SessionError::Coordination(err));
         }
         session.stop().await;
@@ -555,37 +636,26 @@ impl SessionRegistry {
         Ok(())
     }
 
-    /// The table as plain records, for the state file.
-    pub fn snapshot(&self) -> StateDoc {
-        let mut sessions: Vec<SessionRecord> = self
+    /// The state file's bytes for the table as it is, sessions ordered by vm_id.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut records: Vec<(Arc<Session>, Arc<[u8]>)> = self
             .by_vm
             .iter()
             .map(|e| {
-                let s = e.value();
-                SessionRecord {
-                    vm_id: s.vm_id.clone(),
-                    target: s.target().to_string(),
-                    ws_port: s.port,
-                    tokens: vec![TokenRecord {
-                        value: s.token.clone(),
-                        expires_at: None,
-                    }],
-                    created_at: rfc3339(s.created_at),
-                }
+                let s = Arc::clone(e.value());
+                let record = Arc::clone(&lock(&s.target).record);
+                (s, record)
             })
             .collect();
-        sessions.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-        StateDoc {
-            version: state::SCHEMA_VERSION,
-            sessions,
-        }
+        records.sort_by(|a, b| a.0.vm_id.cmp(&b.0.vm_id));
+        state::render(records.iter().map(|(_, r)| &r[..]))
     }
 
     /// Writes the table as it is (the last write at shutdown, after the writer stopped).
     pub async fn write_now(&self) -> Result<(), CommitError> {
         let doc = self.snapshot();
         let path = self.state_path.clone();
-        tokio::task::spawn_blocking(move || state::write_atomic(&path, &doc))
+        tokio::task::spawn_blocking(move || state::write_bytes_atomic(&path, &doc))
             .await
             .map_err(|e| CommitError(e.to_string()))?
             .map_err(|e| CommitError(format!("{}: {e}", self.state_path.display())))

@@ -1,27 +1,27 @@
 //! The durable session table: schema-1 state file, atomic writes with group commit, load,
 //! corruption handling, and the lock that keeps one daemon per file.
 //!
-//! One writer task owns the file. A change is made in memory first, then its API call asks for a
-//! commit and waits: the writer takes every request that is waiting, snapshots the table once,
+//! One writer thread owns the file. A change is made in memory first, then its API call asks for
+//! a commit and waits: the writer takes every request that is waiting, snapshots the table once,
 //! writes it (temp file in the same directory, fsync, rename, fsync the directory) and answers
-//! them all with that one write.
+//! them all with that one write. A failed write undoes its calls before
+//! the next snapshot is taken.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// The schema this build writes; it reads this one and every older one.
 pub const SCHEMA_VERSION: u32 = 1;
-/// Commit requests waiting for the writer; API calls beyond this wait for room.
-const COMMIT_QUEUE: usize = 4096;
 
 /// The file: `{"version": 1, "sessions": [...]}`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -176,11 +176,29 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<SessionRecord>, String> {
     }
 }
 
-/// Temp file in the same directory, fsync, rename over the file, fsync the directory.
+/// The file's bytes from records serialised one by one (compact JSON, one line).
+pub fn render<'a>(records: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    out.extend_from_slice(format!("{{\"version\":{SCHEMA_VERSION},\"sessions\":[").as_bytes());
+    for (i, record) in records.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(record);
+    }
+    out.extend_from_slice(b"]}\n");
+    out
+}
+
+/// [`write_bytes_atomic`] of a whole document.
 pub fn write_atomic(path: &Path, doc: &StateDoc) -> io::Result<()> {
-    // Compact: 800 sessions serialise and write in a fraction of a pretty file's time.
     let mut bytes = serde_json::to_vec(doc).map_err(io::Error::other)?;
     bytes.push(b'\n');
+    write_bytes_atomic(path, &bytes)
+}
+
+/// Temp file in the same directory, fsync, rename over the file, fsync the directory.
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
@@ -197,7 +215,7 @@ pub fn write_atomic(path: &Path, doc: &StateDoc) -> io::Result<()> {
     let tmp = dir.join(tmp_name);
     let result = (|| {
         let mut file = File::create(&tmp)?;
-        file.write_all(&bytes)?;
+        file.write_all(bytes)?;
         // fdatasync: the data and the size needed to read it back; mtime can wait.
         file.sync_data()?;
         std::fs::rename(&tmp, path)?;
@@ -209,94 +227,240 @@ pub fn write_atomic(path: &Path, doc: &StateDoc) -> io::Result<()> {
     result
 }
 
-type Waiter = oneshot::Sender<Result<(), CommitError>>;
+/// Removes temp files a killed daemon left beside `path` (only `.<name>.tmp-*`: never the state
+/// file or anything else). Called with the lock held, so no live writer owns them.
+pub fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".tmp-");
+    let Some(prefix) = prefix.to_str().map(str::to_owned) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    info!(file = %entry.path().display(), "removed a temp file left by an earlier run")
+                }
+                Err(err) => {
+                    warn!(file = %entry.path().display(), %err, "cannot remove a stale temp file")
+                }
+            }
+        }
+    }
+}
+
+/// Takes a change back out of the in-memory table when the write that carried it failed. Runs on
+/// the writer before its next snapshot, so no later write carries the change.
+pub type Undo = Box<dyn FnOnce() + Send>;
+
+struct Waiter {
+    reply: Option<oneshot::Sender<Result<(), CommitError>>>,
+    undo: Option<Undo>,
+}
+
+impl Waiter {
+    /// Undoes the call first if the write failed, then tells the caller.
+    fn answer(mut self, result: &Result<(), CommitError>) {
+        let undo = self.undo.take();
+        if result.is_err()
+            && let Some(undo) = undo
+        {
+            undo();
+        }
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+impl Drop for Waiter {
+    /// A call never written (the writer stopped first) is not durable: take it back.
+    fn drop(&mut self) {
+        if let Some(undo) = self.undo.take() {
+            undo();
+        }
+    }
+}
+
+enum Msg {
+    Commit(Waiter),
+    Stop,
+}
 
 /// Asks the writer for a write covering the table as it is now.
 #[derive(Debug, Clone)]
 pub struct Committer {
-    tx: mpsc::Sender<Waiter>,
+    tx: std::sync::mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Commit(_) => "Commit",
+            Msg::Stop => "Stop",
+        })
+    }
 }
 
 impl Committer {
-    /// Returns once a write that started after this call has reached the disk.
-    pub async fn commit(&self) -> Result<(), CommitError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(tx)
-            .await
-            .map_err(|_| CommitError("vncgate is shutting down".into()))?;
-        rx.await
-            .map_err(|_| CommitError("vncgate is shutting down".into()))?
+    /// Returns once a write that started after this call has reached the disk. When it fails,
+    /// `undo` has already run (even if the caller stopped waiting): the change is out of the
+    /// table and out of every later snapshot. (A write for other calls may have caught the
+    /// change before; the next good write drops it. What a caller was told succeeded is never
+    /// missing from the file.)
+    pub async fn commit(&self, undo: Undo) -> Result<(), CommitError> {
+        let (reply, rx) = oneshot::channel();
+        let waiter = Waiter {
+            reply: Some(reply),
+            undo: Some(undo),
+        };
+        if self.tx.send(Msg::Commit(waiter)).is_err() {
+            // The refused waiter was dropped, and with it the change undone.
+            return Err(CommitError(
+                "the state writer has stopped (vncgate is shutting down)".into(),
+            ));
+        }
+        rx.await.map_err(|_| {
+            CommitError("the state writer has stopped (vncgate is shutting down)".into())
+        })?
     }
 }
 
 /// Latency of the writes, for status and benchmarks.
 #[derive(Debug, Default)]
 pub struct CommitStats {
-    pub writes: std::sync::atomic::AtomicU64,
-    pub failures: std::sync::atomic::AtomicU64,
-    pub last_write_us: std::sync::atomic::AtomicU64,
+    pub writes: AtomicU64,
+    pub failures: AtomicU64,
+    pub last_write_us: AtomicU64,
     /// Sum over all writes, for the mean.
-    pub total_write_us: std::sync::atomic::AtomicU64,
+    pub total_write_us: AtomicU64,
 }
 
-/// Starts the one writer of `path`. `snapshot` is called once per write, after the requests it
-/// covers were queued. On `stop` the writer serves what is queued and ends.
+/// Starts the one writer of `path`: an OS thread (its file calls block; a thread of its own
+/// saves the hop to tokio's blocking pool on every write) watched by a tracked task. `snapshot` is
+/// called once per write, after the requests it covers were queued. On `stop` the writer
+/// serves what is queued and ends.
 pub fn spawn_writer(
     path: PathBuf,
-    snapshot: impl Fn() -> Option<StateDoc> + Send + Sync + 'static,
-    on_result: impl Fn(Result<(), &CommitError>) + Send + Sync + 'static,
+    snapshot: impl Fn() -> Option<Vec<u8>> + Send + 'static,
+    on_result: impl Fn(Result<(), &CommitError>) + Send + 'static,
     stats: Arc<CommitStats>,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) -> Committer {
-    use std::sync::atomic::Ordering::Relaxed;
-    let (tx, mut rx) = mpsc::channel::<Waiter>(COMMIT_QUEUE);
+    let (tx, rx) = std::sync::mpsc::channel::<Msg>();
+    let (ended_tx, ended) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("vncgate-state".into())
+        .spawn(move || {
+            write_loop(&path, &rx, &snapshot, &on_result, &stats);
+            let _ = ended_tx.send(());
+        });
+    if let Err(err) = thread {
+        // Every commit then fails (and is rolled back) with the error below; say why once.
+        tracing::error!(%err, "cannot start the state writer thread");
+    }
+    let stopper = tx.clone();
     tracker.spawn(async move {
-        loop {
-            let first = tokio::select! {
-                w = rx.recv() => w,
-                _ = stop.cancelled() => { rx.close(); rx.recv().await }
-            };
-            let Some(first) = first else { break };
-            let mut batch = vec![first];
-            while let Ok(w) = rx.try_recv() {
-                batch.push(w);
-            }
-            // Timed from the snapshot to the directory's fsync: the whole cost of a commit.
-            let started = std::time::Instant::now();
-            let result = match snapshot() {
-                None => Err(CommitError("the session table is gone".into())),
-                Some(doc) => {
-                    let file = path.clone();
-                    let written = tokio::task::spawn_blocking(move || write_atomic(&file, &doc))
-                        .await
-                        .map_err(|e| io::Error::other(e.to_string()))
-                        .and_then(|r| r);
-                    written.map_err(|e| CommitError(format!("{}: {e}", path.display())))
-                }
-            };
-            let us = started.elapsed().as_micros() as u64;
-            stats.last_write_us.store(us, Relaxed);
-            stats.total_write_us.fetch_add(us, Relaxed);
-            tracing::debug!(us, calls = batch.len(), "state commit");
-            match &result {
-                Ok(()) => {
-                    stats.writes.fetch_add(1, Relaxed);
-                }
-                Err(err) => {
-                    stats.failures.fetch_add(1, Relaxed);
-                    warn!(%err, calls = batch.len(), "state write failed; rolling the calls back");
-                }
-            }
-            on_result(result.as_ref().map(|_| ()));
-            for w in batch {
-                let _ = w.send(result.clone());
-            }
-        }
+        stop.cancelled().await;
+        let _ = stopper.send(Msg::Stop);
+        let _ = ended.await;
         info!("state writer stopped");
     });
     Committer { tx }
+}
+
+fn write_loop(
+    path: &Path,
+    rx: &std::sync::mpsc::Receiver<Msg>,
+    snapshot: &dyn Fn() -> Option<Vec<u8>>,
+    on_result: &dyn Fn(Result<(), &CommitError>),
+    stats: &CommitStats,
+) {
+    let mut stopping = false;
+    loop {
+        let mut batch = Vec::new();
+        match rx.recv() {
+            Ok(Msg::Commit(w)) => batch.push(w),
+            Ok(Msg::Stop) => stopping = true,
+            Err(_) => return,
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Commit(w)) => batch.push(w),
+                Ok(Msg::Stop) => stopping = true,
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            write_batch(path, batch, snapshot, on_result, stats);
+        }
+        if stopping {
+            // Calls that raced the stop are answered by one last write.
+            let late: Vec<Waiter> = rx
+                .try_iter()
+                .filter_map(|m| match m {
+                    Msg::Commit(w) => Some(w),
+                    Msg::Stop => None,
+                })
+                .collect();
+            if !late.is_empty() {
+                write_batch(path, late, snapshot, on_result, stats);
+            }
+            return;
+        }
+    }
+}
+
+/// One snapshot, one atomic write, every caller answered; on failure each call is undone first.
+fn write_batch(
+    path: &Path,
+    batch: Vec<Waiter>,
+    snapshot: &dyn Fn() -> Option<Vec<u8>>,
+    on_result: &dyn Fn(Result<(), &CommitError>),
+    stats: &CommitStats,
+) {
+    // Timed from the snapshot to the directory's fsync: the whole cost of a commit.
+    let started = Instant::now();
+    let result = match snapshot() {
+        None => Err(CommitError("the session table is gone".into())),
+        Some(bytes) => write_bytes_atomic(path, &bytes)
+            .map_err(|e| CommitError(format!("{}: {e}", path.display()))),
+    };
+    let us = started.elapsed().as_micros() as u64;
+    stats.last_write_us.store(us, Ordering::Relaxed);
+    stats.total_write_us.fetch_add(us, Ordering::Relaxed);
+    let calls = batch.len();
+    tracing::debug!(us, calls, "state commit");
+    match &result {
+        Ok(()) => {
+            stats.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(err) => {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            warn!(%err, calls, "state write failed; rolling the calls back");
+        }
+    }
+    on_result(result.as_ref().map(|_| ()));
+    for waiter in batch {
+        waiter.answer(&result);
+    }
 }
 
 /// How long a final write at shutdown may take.
@@ -369,6 +533,131 @@ mod tests {
             .filter_map(|e| e.ok())
             .collect();
         assert_eq!(leftovers.len(), 1, "no temp files left");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn doc_with(n: usize) -> StateDoc {
+        StateDoc {
+            version: 1,
+            sessions: (0..n)
+                .map(|i| SessionRecord {
+                    vm_id: format!("vm-{i}"),
+                    target: "127.0.0.1:5900".into(),
+                    ws_port: 6100 + i as u16,
+                    tokens: vec![],
+                    created_at: "2026-11-26T00:00:00Z".into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commits_keep_every_acknowledged_change_and_no_undone_one() {
+        use std::collections::BTreeSet;
+        use std::sync::atomic::AtomicUsize;
+        let dir = scratch("group");
+        let path = dir.join("state.json");
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        // The "table": the callers' ids. The second snapshot is lost, so its write fails.
+        let table = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let snap_table = Arc::clone(&table);
+        let snapshots = Arc::new(AtomicUsize::new(0));
+        let snap_count = Arc::clone(&snapshots);
+        let committer = spawn_writer(
+            path.clone(),
+            move || {
+                let ids = snap_table.lock().expect("lock").clone();
+                let records: Vec<Vec<u8>> = doc_with(ids.len())
+                    .sessions
+                    .into_iter()
+                    .zip(ids)
+                    .map(|(r, id)| SessionRecord {
+                        vm_id: format!("vm-{id}"),
+                        ..r
+                    })
+                    .map(|r| serde_json::to_vec(&r).expect("record"))
+                    .collect();
+                (snap_count.fetch_add(1, Ordering::SeqCst) != 1)
+                    .then(|| render(records.iter().map(Vec::as_slice)))
+            },
+            |_| {},
+            Arc::new(CommitStats::default()),
+            &tracker,
+            stop.clone(),
+        );
+        committer
+            .commit(Box::new(|| {}))
+            .await
+            .expect("the first write succeeds");
+        let mut calls = Vec::new();
+        for id in 0..200usize {
+            let (c, table) = (committer.clone(), Arc::clone(&table));
+            calls.push(tokio::spawn(async move {
+                table.lock().expect("lock").insert(id);
+                let undo_table = Arc::clone(&table);
+                let result = c
+                    .commit(Box::new(move || {
+                        undo_table.lock().expect("lock").remove(&id);
+                    }))
+                    .await;
+                (id, result.is_ok())
+            }));
+        }
+        let (mut acked, mut failed) = (BTreeSet::new(), BTreeSet::new());
+        for call in calls {
+            let (id, ok) = call.await.expect("join");
+            if ok {
+                acked.insert(format!("vm-{id}"));
+            } else {
+                failed.insert(format!("vm-{id}"));
+            }
+        }
+        // An earlier write may have caught a failed call's change in its snapshot; the next good
+        // write no longer has it.
+        committer
+            .commit(Box::new(|| {}))
+            .await
+            .expect("a later write succeeds");
+        stop.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .expect("writer stops");
+        let on_disk: BTreeSet<String> = load(&path, false)
+            .expect("load")
+            .into_iter()
+            .map(|r| r.vm_id)
+            .collect();
+        assert!(
+            !failed.is_empty(),
+            "the calls the lost snapshot covered fail"
+        );
+        assert_eq!(
+            on_disk, acked,
+            "exactly the acknowledged changes are on disk"
+        );
+        let writes = snapshots.load(Ordering::SeqCst);
+        assert!(
+            writes < 200,
+            "calls share writes ({writes} snapshots for 200 calls)"
+        );
+        let leftovers = std::fs::read_dir(&dir).expect("dir").count();
+        assert_eq!(leftovers, 1, "no temp files left");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed_and_nothing_else() {
+        let dir = scratch("stale");
+        let path = dir.join("state.json");
+        std::fs::write(&path, "{}").expect("state");
+        std::fs::write(dir.join(".state.json.tmp-123-4"), "x").expect("tmp");
+        std::fs::write(dir.join(".other.tmp-1"), "x").expect("other");
+        remove_stale_temps(&path);
+        assert!(path.exists());
+        assert!(dir.join(".other.tmp-1").exists());
+        assert!(!dir.join(".state.json.tmp-123-4").exists());
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -2,10 +2,10 @@
 //!
 //! The reader unmasks client data in place and hands binary payload on in pieces as it arrives,
 //! so a large client message never has to fit in memory and fragmented messages need no
-//! reassembly (VNC is a byte stream). The writer sends a frame header and its payload with one
-//! vectored write, without copying the payload. Both keep no buffer while the socket is idle.
+//! reassembly (VNC is a byte stream). The writer puts a frame header in room kept in front of the
+//! payload and sends both with one write, without copying the payload. Both keep no buffer while the socket is idle.
 
-use std::io::{self, IoSlice};
+use std::io;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -53,14 +53,28 @@ pub enum ReadSide {
 
 impl ReadSide {
     /// Waits for data, then reads up to `want` bytes into `buf` (which may start empty and
-    /// unallocated). Returns 0 at EOF. Cancel-safe.
-    pub async fn read_lazy(&self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+    /// unallocated) after its first `prefix` bytes (zeroed room kept for a frame header).
+    /// Returns 0 at EOF. Cancel-safe.
+    ///
+    /// `try_read` keeps the socket marked readable after a short read, so the next call reads
+    /// again at once instead of waiting for epoll. While a VNC server streams, that read mostly
+    /// finds new data; tokio's `AsyncRead` path (which waits) measured 10-15% slower at 800
+    /// sessions.
+    pub async fn read_lazy(
+        &mut self,
+        buf: &mut BytesMut,
+        want: usize,
+        prefix: usize,
+    ) -> io::Result<usize> {
         loop {
             match self {
                 ReadSide::Tcp(r) => r.readable().await?,
                 ReadSide::Unix(r) => r.readable().await?,
             }
-            buf.reserve(want);
+            buf.reserve(prefix + want);
+            if buf.len() < prefix {
+                buf.resize(prefix, 0);
+            }
             let read = match self {
                 ReadSide::Tcp(r) => r.try_read_buf(buf),
                 ReadSide::Unix(r) => r.try_read_buf(buf),
@@ -72,6 +86,11 @@ impl ReadSide {
         }
     }
 }
+
+/// Room a read buffer keeps in front of its payload for the largest frame header, so header and
+/// payload go out in one plain `write`: no copy of the payload, and no iovec (measured a little
+/// cheaper than `writev` of header and payload at 800 sessions).
+pub const HEADROOM: usize = 10;
 
 /// Sends frames; owned by one task, so no lock is taken per frame.
 pub struct FrameWriter<W> {
@@ -100,20 +119,27 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         FrameWriter { io }
     }
 
-    /// One complete frame: header and payload in one vectored write (no copy of the payload).
-    pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+    /// One frame whose payload is `buf[HEADROOM..]`; the header is written into the headroom
+    /// and the frame goes out in one write, the payload never copied.
+    pub async fn send_in_place(&mut self, opcode: u8, buf: &mut [u8]) -> io::Result<()> {
+        let Some(len) = buf.len().checked_sub(HEADROOM) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "frame buffer lacks its header room",
+            ));
+        };
         let mut head = [0u8; 10];
-        let n = encode_header(&mut head, opcode, payload.len());
-        let mut bufs = [IoSlice::new(&head[..n]), IoSlice::new(payload)];
-        let mut slices: &mut [IoSlice<'_>] = &mut bufs;
-        while !slices.is_empty() {
-            let written = self.io.write_vectored(slices).await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            IoSlice::advance_slices(&mut slices, written);
-        }
-        Ok(())
+        let n = encode_header(&mut head, opcode, len);
+        let start = HEADROOM - n;
+        buf[start..HEADROOM].copy_from_slice(&head[..n]);
+        self.io.write_all(&buf[start..]).await
+    }
+
+    /// One complete frame with a small payload (control frames), copied into one write.
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut frame = vec![0u8; HEADROOM + payload.len()];
+        frame[HEADROOM..].copy_from_slice(payload);
+        self.send_in_place(opcode, &mut frame).await
     }
 
     /// A close frame with a code and a reason (cut to the protocol's 123 bytes).
@@ -181,7 +207,7 @@ impl FrameReader {
             // Drop the old allocation while waiting: an idle viewer costs no buffer.
             self.buf = BytesMut::new();
         }
-        match self.io.read_lazy(&mut self.buf, CLIENT_READ).await? {
+        match self.io.read_lazy(&mut self.buf, CLIENT_READ, 0).await? {
             0 => Err(WsError::Eof),
             _ => Ok(()),
         }
