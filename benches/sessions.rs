@@ -964,15 +964,18 @@ fn orchestrate() {
             close_all(n);
             for round in 1..3 {
                 let before = api("GET", "/v1/status", None).1;
+                let cpu0 = cpu_seconds(&[daemon_pid]);
                 let (par_s, par_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 16);
+                let cpu = cpu_seconds(&[daemon_pid]) - cpu0;
                 let after = api("GET", "/v1/status", None).1;
                 let writes = after["state"]["writes"].as_f64().unwrap_or(0.0)
                     - before["state"]["writes"].as_f64().unwrap_or(0.0);
                 let commit_ms = (total_ms(&after) - total_ms(&before)) / writes;
                 eprintln!(
-                    "  round {round}: {par_s:.3} s, p50 {:.2} p99 {:.2} ms, commit {commit_ms:.2} ms, {writes} writes",
+                    "  round {round}: {par_s:.3} s, p50 {:.2} p99 {:.2} ms, commit {commit_ms:.2} ms, {writes} writes, daemon CPU {:.0} us per open",
                     percentile(&par_lat, 0.5),
-                    percentile(&par_lat, 0.99)
+                    percentile(&par_lat, 0.99),
+                    cpu * 1e6 / n as f64
                 );
                 close_all(n);
             }
