@@ -71,9 +71,11 @@ impl ReadSide {
                 ReadSide::Tcp(r) => r.readable().await?,
                 ReadSide::Unix(r) => r.readable().await?,
             }
-            buf.reserve(prefix + want);
             if buf.len() < prefix {
+                buf.reserve(prefix - buf.len() + want);
                 buf.resize(prefix, 0);
+            } else {
+                buf.reserve(want);
             }
             let read = match self {
                 ReadSide::Tcp(r) => r.try_read_buf(buf),
