@@ -636,18 +636,15 @@ impl SessionRegistry {
         Ok(())
     }
 
-    /// The state file's bytes for the table as it is, sessions ordered by vm_id.
+    /// The state file's bytes for the table as it is, sessions ordered by port (unique, and
+    /// cheaper to sort than names: this runs once per write).
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut records: Vec<(Arc<Session>, Arc<[u8]>)> = self
+        let mut records: Vec<(u16, Arc<[u8]>)> = self
             .by_vm
             .iter()
-            .map(|e| {
-                let s = Arc::clone(e.value());
-                let record = Arc::clone(&lock(&s.target).record);
-                (s, record)
-            })
+            .map(|e| (e.port, Arc::clone(&lock(&e.target).record)))
             .collect();
-        records.sort_by(|a, b| a.0.vm_id.cmp(&b.0.vm_id));
+        records.sort_unstable_by_key(|r| r.0);
         state::render(records.iter().map(|(_, r)| &r[..]))
     }
 
