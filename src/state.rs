@@ -3,8 +3,8 @@
 //!
 //! One writer thread owns the file. A change is made in memory first, then its API call asks for
 //! a commit and waits: the writer takes every request that is waiting, snapshots the table once,
-//! writes it (temp file in the same directory, fsync, rename, fsync the directory) and answers
-//! them all with that one write. A failed write undoes its calls before
+//! writes it (a reused temp file beside it, fdatasync, the two names swapped, fsync of the
+//! directory) and answers them all with that one write. A failed write undoes its calls before
 //! the next snapshot is taken.
 
 use std::fs::{File, OpenOptions};
