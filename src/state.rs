@@ -241,6 +241,8 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .truncate(false)
             // Tokens are secrets: owner only.
             .mode(0o600)
+            // Never write through a link someone put in our place.
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&tmp)?;
         let meta = file.metadata()?;
         if meta.permissions().mode() & 0o777 != 0o600 {
