@@ -13,7 +13,12 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
 use crate::pool::PoolStats;
+use crate::server;
 use crate::sessions::{Opened, SessionError, SessionRegistry};
 
 /// Requests are a vm_id and a target; anything near this size is not a real client.
@@ -84,6 +89,56 @@ pub struct ApiState {
 }
 
 /// The API's routes; a plain function so tests can drive it without a socket.
+/// Serves the API on `listener` until `stop`: each connection is a task on `tracker`, and on
+/// `stop` connections finish the response in hand (within [`server::HTTP_DRAIN`]) and end.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    tracker.spawn(serve_connection(stream, app.clone(), stop.clone()));
+                }
+                Err(err) => {
+                    warn!(%err, "control API accept failed; backing off");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(server::ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+        }
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, app: Router, stop: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        tower::ServiceExt::oneshot(app.clone(), req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(server::HEADER_READ_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%err, "control API connection ended");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(server::HTTP_DRAIN, conn).await;
+        }
+    }
+}
+
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/sessions", get(list_sessions).post(open_session))

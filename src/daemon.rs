@@ -111,15 +111,7 @@ impl Daemon {
             max_sessions: config.max_sessions,
             started: Instant::now(),
         });
-        let stop = root.clone();
-        tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(err) = served {
-                warn!(%err, "control API stopped");
-            }
-        });
+        tracker.spawn(api::serve(listener, app, root.clone(), tracker.clone()));
         if config.public_host.is_none() && api_addr.ip().is_loopback() {
             warn!(
                 "--public-host is unset and the API is on loopback: console URLs name the host clients use to reach the API (e.g. 127.0.0.1)"

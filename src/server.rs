@@ -27,11 +27,11 @@ use crate::web::{self, Body, WebRoot, full};
 use crate::ws::{FrameReader, FrameWriter, ReadSide};
 
 /// A client that has not sent its request headers by then is dropped (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// After an accept error (EMFILE, ...) the loop waits this long instead of spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a plain HTTP connection may take to finish its response when its session closes.
-const HTTP_DRAIN: Duration = Duration::from_secs(1);
+pub(crate) const HTTP_DRAIN: Duration = Duration::from_secs(1);
 
 /// What every session server shares.
 #[derive(Debug)]

@@ -438,7 +438,17 @@ async fn shutdown_closes_viewers_with_1001_restarting() {
         let session = gate.open_ok("vm-stop", &fake.target).await;
         let mut ws = connect(session["ws_url"].as_str().expect("ws_url")).await;
         ws.next().await.expect("greeting").expect("ok");
+        // API connections are daemon tasks too: an idle keep-alive one and one that stalls
+        // half way through its headers must not hold the shutdown up.
+        use tokio::io::AsyncWriteExt;
+        let idle_api = tokio::net::TcpStream::connect(gate.api).await.expect("api");
+        let mut stalled_api = tokio::net::TcpStream::connect(gate.api).await.expect("api");
+        stalled_api
+            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("half a request");
         let daemon = gate.daemon.take().expect("daemon");
+        let started = std::time::Instant::now();
         let stopping = tokio::spawn(daemon.shutdown());
         let (frame, _) = next_close(&mut ws, Duration::from_secs(5)).await;
         assert_eq!(code_and_reason(&frame), (1001, "vncgate restarting".into()));
@@ -446,6 +456,12 @@ async fn shutdown_closes_viewers_with_1001_restarting() {
             stopping.await.expect("join"),
             "every task ended within the grace period"
         );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "shutdown took {:?}",
+            started.elapsed()
+        );
+        drop((idle_api, stalled_api));
     })
     .await;
 }
