@@ -867,7 +867,8 @@ fn median_spread(v: &[f64]) -> (f64, f64, f64) {
 
 fn orchestrate() {
     let wall = Instant::now();
-    let exe = env!("CARGO_BIN_EXE_vncgate");
+    let exe = std::env::var("VNCGATE_BENCH_EXE").unwrap_or(env!("CARGO_BIN_EXE_vncgate").into());
+    let exe = exe.as_str();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out_dir = root.join("target/bench");
     let state_dir = out_dir.join("state");
