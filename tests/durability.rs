@@ -593,3 +593,53 @@ async fn a_port_taken_while_down_moves_its_session_with_a_warning() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_whose_clients_hang_up_or_never_read_leave_the_file_equal_to_the_table() {
+    use tokio::io::AsyncWriteExt;
+    bounded(Duration::from_secs(30), async {
+        let gate = TestGate::start(40).await;
+        let mut never_read = Vec::new();
+        for i in 0..30 {
+            let mut s = tokio::net::TcpStream::connect(gate.api)
+                .await
+                .expect("api");
+            let body = format!(r#"{{"vm_id": "vm-gone-{i}", "target": "127.0.0.1:5999"}}"#);
+            let request = format!(
+                "POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(request.as_bytes()).await.expect("send");
+            if i % 2 == 0 {
+                // Hang up without waiting for the answer.
+                s.shutdown().await.expect("hang up");
+            } else {
+                // Stay connected but never read the answer.
+                never_read.push(s);
+            }
+        }
+        // hyper drops a request whose client half-closed (some of these never start); the
+        // ones that started must finish whole. Shutdown waits for every task, then writes.
+        let registry = std::sync::Arc::clone(gate.daemon().registry());
+        let mut gate = gate;
+        let daemon = gate.daemon.take().expect("daemon");
+        assert!(daemon.shutdown().await, "every task ended");
+        let doc: Value = serde_json::from_slice(&std::fs::read(gate.state.file()).expect("file"))
+            .expect("json");
+        let mut on_disk: Vec<String> = doc["sessions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["vm_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        on_disk.sort();
+        let table: Vec<String> = registry.list().iter().map(|s| s.vm_id.clone()).collect();
+        eprintln!("{} of 30 opens (15 hung up) finished", table.len());
+        assert!(table.len() >= 15, "the 15 that stayed connected all opened");
+        assert_eq!(on_disk, table, "the file holds exactly the table");
+        drop(never_read);
+    })
+    .await;
+}
