@@ -652,7 +652,7 @@ impl SessionRegistry {
     pub async fn write_now(&self) -> Result<(), CommitError> {
         let doc = self.snapshot();
         let path = self.state_path.clone();
-        tokio::task::spawn_blocking(move || state::write_bytes_atomic(&path, &doc))
+        tokio::task::spawn_blocking(move || state::write_bytes_atomic(&path, doc))
             .await
             .map_err(|e| CommitError(e.to_string()))?
             .map_err(|e| CommitError(format!("{}: {e}", self.state_path.display())))

@@ -3,7 +3,8 @@
 //! The reader unmasks client data in place and hands binary payload on in pieces as it arrives,
 //! so a large client message never has to fit in memory and fragmented messages need no
 //! reassembly (VNC is a byte stream). The writer puts a frame header in room kept in front of the
-//! payload and sends both with one write, without copying the payload. Both keep no buffer while the socket is idle.
+//! payload and sends both with one write, without copying the payload. Both keep no buffer while
+//! the socket is idle.
 
 use std::io;
 
