@@ -724,6 +724,35 @@ fn open_sessions(n: usize, target: &str, parallel: usize) -> (f64, Vec<f64>) {
     (started.elapsed().as_secs_f64(), l)
 }
 
+/// `GET /v1/sessions/vm-i` for `i` in `0..n`, `parallel` at once, each on a new connection: the
+/// latency of an API call that writes nothing, the floor under an open's.
+fn get_sessions(n: usize, parallel: usize) -> Vec<f64> {
+    let next = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(std::sync::Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..parallel {
+            let (next, lat) = (next.clone(), lat.clone());
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        return;
+                    }
+                    let t = Instant::now();
+                    let (status, v) = api("GET", &format!("/v1/sessions/vm-{i}"), None);
+                    assert!(status == 200, "get vm-{i}: {status} {v}");
+                    lat.lock()
+                        .map(|mut l| l.push(t.elapsed().as_secs_f64() * 1e3))
+                        .ok();
+                }
+            });
+        }
+    });
+    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort_by(|a, b| a.total_cmp(b));
+    l
+}
+
 /// Retargets sessions `vm-0..n` (parallel 16).
 fn retarget_all(n: usize, target: &str) {
     open_sessions(n, target, 16);
@@ -952,6 +981,7 @@ fn orchestrate() {
         let before = api("GET", "/v1/status", None).1;
         let (par_s, par_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 16);
         let after = api("GET", "/v1/status", None).1;
+        let get_lat = get_sessions(n, 16);
         // The daemon's own commits during those opens: their mean is the commit latency.
         let total_ms = |v: &Value| {
             v["state"]["mean_write_ms"].as_f64().unwrap_or(0.0)
@@ -975,6 +1005,7 @@ fn orchestrate() {
             "p50_ms": percentile(&par_lat, 0.5), "p99_ms": percentile(&par_lat, 0.99),
             "sequential_p50_ms": percentile(&seq_lat, 0.5), "sequential_p99_ms": percentile(&seq_lat, 0.99),
             "commit_ms": commit_ms, "state_writes": writes, "disk_commit_probe_ms": disk_commit_ms,
+            "get16_p50_ms": percentile(&get_lat, 0.5), "get16_p99_ms": percentile(&get_lat, 0.99),
         }));
         if opens_only {
             // Development aid: just the open figures, a few rounds, nothing written.
@@ -1278,20 +1309,22 @@ fn render_table(doc: &Value) -> String {
                 ));
             }
         }
-        out.push_str("\n| N | open N sequential s | open N, 16 at once s | one open p50 / p99 ms | state commit ms (daemon's writes; same write from the bench) | state writes for N opens |\n|---|---|---|---|---|---|\n");
+        out.push_str("\n| N | open N sequential s | open N, 16 at once s | one open p50 / p99 ms | state commit ms (daemon's writes; same write from the bench) | state writes for N opens | GET of one session, 16 at once, p50 / p99 ms |\n|---|---|---|---|---|---|---|\n");
         let mut keys: Vec<&String> = results.keys().collect();
         keys.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
         for n in keys {
             let o = &results[n]["open"];
             out.push_str(&format!(
-                "| {n} | {} | {} | {} / {} | {} ({}) | {} |\n",
+                "| {n} | {} | {} | {} / {} | {} ({}) | {} | {} / {} |\n",
                 f(&o["sequential_s"]),
                 f(&o["parallel16_s"]),
                 f(&o["p50_ms"]),
                 f(&o["p99_ms"]),
                 f(&o["commit_ms"]),
                 f(&o["disk_commit_probe_ms"]),
-                o["state_writes"]
+                o["state_writes"],
+                f(&o["get16_p50_ms"]),
+                f(&o["get16_p99_ms"])
             ));
         }
     }
