@@ -5,6 +5,10 @@
 //! Every party runs in its own process: this binary re-executes itself as the fake VNC server
 //! (`VNCGATE_BENCH_ROLE=fake`), the TCP relay (`relay`) and the load generator (`load`); the
 //! daemon is the built `vncgate` binary with its state file on the checkout's file system.
+//!
+//! Development knobs (the committed run uses none): `VNCGATE_BENCH_N=100,800` (sizes),
+//! `VNCGATE_BENCH_ROUNDS=5`, `VNCGATE_BENCH_OPENS_ONLY=1` (open figures only, with CPU per
+//! open), `VNCGATE_BENCH_NO_WEBSOCKIFY=1`, `VNCGATE_BENCH_EXE=path` (another vncgate build).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -185,6 +189,9 @@ struct Client {
     stream: TcpStream,
     ws: bool,
     pending: BytesMut,
+    /// Where this connection's frame stream is: kept across phases, since the read that brought
+    /// the greeting may have brought the start of the next frame too.
+    counter: FrameCounter,
 }
 
 async fn connect_client(url: &str) -> Result<Client, String> {
@@ -237,6 +244,7 @@ async fn connect_client(url: &str) -> Result<Client, String> {
         stream,
         ws,
         pending,
+        counter: FrameCounter::default(),
     })
 }
 
@@ -246,6 +254,11 @@ async fn connect_client(url: &str) -> Result<Client, String> {
 struct FrameCounter {
     payload_left: u64,
     head: Vec<u8>,
+    /// Data frames started.
+    frames: u64,
+    /// Headers no server may send (reserved bits, a mask, an unknown opcode): the count has
+    /// lost the frame boundaries, so the payload it reports is wrong.
+    bad: u64,
 }
 
 impl FrameCounter {
@@ -281,6 +294,12 @@ impl FrameCounter {
                 n => n as u64,
             };
             let opcode = self.head[0] & 0x0f;
+            if self.head[0] & 0x70 != 0
+                || self.head[1] & 0x80 != 0
+                || !matches!(opcode, 0 | 1 | 2 | 8 | 9 | 10)
+            {
+                self.bad += 1;
+            }
             self.head.clear();
             if opcode >= 8 {
                 // Control frame (ping): skip its payload, not counted.
@@ -289,6 +308,7 @@ impl FrameCounter {
                 continue;
             }
             self.payload_left = len;
+            self.frames += 1;
         }
         payload
     }
@@ -361,12 +381,11 @@ async fn load_connect(state: &mut LoadState, cmd: &Value) -> Value {
                 let _permit = sem.acquire().await;
                 tokio::time::timeout(Duration::from_secs(15), async {
                     let mut c = connect_client(&u).await?;
-                    let mut counter = FrameCounter::default();
                     let mut got = Vec::new();
                     let mut buf = std::mem::take(&mut c.pending);
                     loop {
                         if c.ws {
-                            counter.feed(&buf, &mut got);
+                            c.counter.feed(&buf, &mut got);
                         } else {
                             got.extend_from_slice(&buf);
                         }
@@ -405,23 +424,27 @@ async fn load_connect(state: &mut LoadState, cmd: &Value) -> Value {
 
 async fn load_throughput(state: &mut LoadState) -> Value {
     let total = Arc::new(AtomicU64::new(0));
+    let (reads, frames) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::new();
     for mut c in std::mem::take(&mut state.clients) {
         let (total, counting, stop) = (total.clone(), counting.clone(), stop.clone());
+        let (reads, frames) = (reads.clone(), frames.clone());
         tasks.push(tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(256 * 1024);
-            let mut counter = FrameCounter::default();
             let mut sink = Vec::new();
             loop {
                 buf.clear();
                 tokio::select! {
                     r = c.stream.read_buf(&mut buf) => match r {
                         Ok(n) if n > 0 => {
-                            let payload = if c.ws { sink.clear(); counter.feed(&buf, &mut sink) } else { n as u64 };
+                            let frames_before = c.counter.frames;
+                            let payload = if c.ws { sink.clear(); c.counter.feed(&buf, &mut sink) } else { n as u64 };
                             if counting.load(Ordering::Relaxed) {
                                 total.fetch_add(payload, Ordering::Relaxed);
+                                reads.fetch_add(1, Ordering::Relaxed);
+                                frames.fetch_add(c.counter.frames - frames_before, Ordering::Relaxed);
                             }
                         }
                         _ => return c,
@@ -444,7 +467,9 @@ async fn load_throughput(state: &mut LoadState) -> Value {
             state.clients.push(c);
         }
     }
-    json!({"bytes": bytes, "secs": secs, "mb_s": bytes as f64 / secs / 1e6})
+    let framing_errors: u64 = state.clients.iter().map(|c| c.counter.bad).sum();
+    json!({"bytes": bytes, "framing_errors": framing_errors, "secs": secs, "mb_s": bytes as f64 / secs / 1e6,
+        "reads": reads.load(Ordering::SeqCst), "frames": frames.load(Ordering::SeqCst)})
 }
 
 async fn load_rtt(state: &mut LoadState) -> Value {
@@ -456,7 +481,6 @@ async fn load_rtt(state: &mut LoadState) -> Value {
         let offset = period.mul_f64(i as f64 / n as f64);
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            let mut counter = FrameCounter::default();
             let mut got = Vec::new();
             let mut buf = BytesMut::with_capacity(4096);
             tokio::time::sleep(offset).await;
@@ -488,7 +512,7 @@ async fn load_rtt(state: &mut LoadState) -> Value {
                     {
                         Ok(Ok(n)) if n > 0 => {
                             if c.ws {
-                                counter.feed(&buf, &mut got);
+                                c.counter.feed(&buf, &mut got);
                             } else {
                                 got.extend_from_slice(&buf);
                             }
@@ -825,6 +849,13 @@ struct Sample {
     idle_rss_kib_per_session: Option<f64>,
     connect_failed: u64,
     rtt_errors: u64,
+    /// The fake VNC server's and the load generator's CPU per GB in the same window: the rest
+    /// of the machine's work, which a proxy makes cheaper or dearer for its peers.
+    fake_cpu_s_per_gb: Option<f64>,
+    load_cpu_s_per_gb: Option<f64>,
+    /// Payload per read of the load generator, and per WebSocket frame, in KiB.
+    read_kib: f64,
+    frame_kib: Option<f64>,
 }
 
 struct Proxy {
@@ -846,7 +877,7 @@ impl Drop for Proxy {
     }
 }
 
-fn measure(load: &mut Role, p: &Proxy, n: usize) -> Sample {
+fn measure(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize) -> Sample {
     let mut s = Sample::default();
     // Echo phase first: idle memory is measured before a throughput phase has grown the heap.
     if let Some((_, echo)) = &p.retarget {
@@ -872,16 +903,35 @@ fn measure(load: &mut Role, p: &Proxy, n: usize) -> Sample {
     }
     let c = load.call(json!({"cmd": "connect", "urls": p.stream_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
-    let cpu0 = cpu_seconds(&p.pids);
+    let load_pid = load.child.id();
+    let (cpu0, fake0, load0) = (
+        cpu_seconds(&p.pids),
+        cpu_seconds(&[fake_pid]),
+        cpu_seconds(&[load_pid]),
+    );
     let t = load.call(json!({"cmd": "throughput"}));
     let cpu = cpu_seconds(&p.pids) - cpu0;
+    let (fake_cpu, load_cpu) = (
+        cpu_seconds(&[fake_pid]) - fake0,
+        cpu_seconds(&[load_pid]) - load0,
+    );
     load.call(json!({"cmd": "disconnect"}));
     s.mb_s = t["mb_s"].as_f64().unwrap_or(0.0);
+    // A load generator that lost the frame boundaries miscounts: a failure, not a figure.
+    s.connect_failed += t["framing_errors"].as_u64().unwrap_or(0);
+    let payload_kib = t["bytes"].as_f64().unwrap_or(0.0) / 1024.0;
+    s.read_kib = payload_kib / t["reads"].as_f64().unwrap_or(0.0).max(1.0);
+    let frames = t["frames"].as_f64().unwrap_or(0.0);
+    s.frame_kib = (frames > 0.0).then(|| payload_kib / frames);
     let gb = t["bytes"].as_f64().unwrap_or(0.0) / 1e9;
     // CPU was measured over warm-up and window, bytes over the window: scale to the window.
     let window_share = WINDOW.as_secs_f64() / (WINDOW + WARMUP).as_secs_f64();
     if !p.pids.is_empty() && gb > 0.0 {
         s.cpu_s_per_gb = Some(cpu * window_share / gb);
+    }
+    if gb > 0.0 {
+        s.fake_cpu_s_per_gb = Some(fake_cpu * window_share / gb);
+        s.load_cpu_s_per_gb = Some(load_cpu * window_share / gb);
     }
     s
 }
@@ -909,8 +959,13 @@ fn orchestrate() {
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 100, 800]);
     let opens_only = std::env::var_os("VNCGATE_BENCH_OPENS_ONLY").is_some();
+    let rounds: usize = std::env::var("VNCGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS);
 
     let mut fake = Role::spawn("fake", &[]);
+    let fake_pid = fake.child.id();
     let ports: Vec<u16> = fake
         .line()
         .split(' ')
@@ -1168,7 +1223,7 @@ fn orchestrate() {
             });
         }
         let mut per_proxy: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
-        for round in 0..ROUNDS {
+        for round in 0..rounds {
             // Alternate the order so no proxy always runs on a warmer or cooler machine.
             let mut order: Vec<usize> = (0..proxies.len()).collect();
             order.rotate_left(round % proxies.len());
@@ -1178,12 +1233,16 @@ fn orchestrate() {
             for &i in &order {
                 let p = &proxies[i];
                 let phase = Instant::now();
-                let s = measure(&mut load, p, n);
+                let s = measure(&mut load, fake_pid, p, n);
                 eprintln!(
-                    "  round {round} {:<24} {:>8.1} MB/s  cpu {:>6} s/GB  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
+                    "  round {round} {:<24} {:>8.1} MB/s  cpu {:>6} s/GB (fake {:.3}, load {:.3}; {:.0} KiB/read, {} KiB/frame)  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
                     p.name,
                     s.mb_s,
                     s.cpu_s_per_gb.map_or("-".into(), |c| format!("{c:.3}")),
+                    s.fake_cpu_s_per_gb.unwrap_or(f64::NAN),
+                    s.load_cpu_s_per_gb.unwrap_or(f64::NAN),
+                    s.read_kib,
+                    s.frame_kib.map_or("-".into(), |k| format!("{k:.0}")),
                     s.rtt_p50_ms,
                     s.rtt_p99_ms,
                     s.rtt_max_ms,
@@ -1251,7 +1310,7 @@ fn orchestrate() {
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "mem_total": std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned(),
     });
-    let doc = json!({"machine": machine, "rss_idle_daemon_kib": rss0, "rounds": ROUNDS, "window_s": WINDOW.as_secs_f64(), "results": results, "wall_s": wall.elapsed().as_secs_f64()});
+    let doc = json!({"machine": machine, "rss_idle_daemon_kib": rss0, "rounds": rounds, "window_s": WINDOW.as_secs_f64(), "results": results, "wall_s": wall.elapsed().as_secs_f64()});
     let table = render_table(&doc);
     println!("{table}");
     std::fs::write(
