@@ -715,27 +715,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Opens sessions `vm-0..n` to `target`, `parallel` at once; returns (total s, sorted ms).
-fn open_sessions(n: usize, target: &str, parallel: usize) -> (f64, Vec<f64>) {
+/// Makes `call(i)` for `i` in `0..n` from `parallel` threads at once; returns (total s, each
+/// call's ms, sorted).
+fn timed_calls(n: usize, parallel: usize, call: impl Fn(usize) + Sync) -> (f64, Vec<f64>) {
     let started = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let lat = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let next = AtomicU64::new(0);
+    let lat = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..parallel {
-            let (next, lat) = (next.clone(), lat.clone());
-            scope.spawn(move || {
+            scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     if i >= n {
                         return;
                     }
                     let t = Instant::now();
-                    let (status, v) = api(
-                        "POST",
-                        "/v1/sessions",
-                        Some(&json!({"vm_id": format!("vm-{i}"), "target": target})),
-                    );
-                    assert!(status == 201 || status == 200, "open vm-{i}: {status} {v}");
+                    call(i);
                     lat.lock()
                         .map(|mut l| l.push(t.elapsed().as_secs_f64() * 1e3))
                         .ok();
@@ -743,38 +738,31 @@ fn open_sessions(n: usize, target: &str, parallel: usize) -> (f64, Vec<f64>) {
             });
         }
     });
-    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
+    let mut l = lat.into_inner().unwrap_or_default();
     l.sort_by(|a, b| a.total_cmp(b));
     (started.elapsed().as_secs_f64(), l)
+}
+
+/// Opens sessions `vm-0..n` to `target`, `parallel` at once; returns (total s, sorted ms).
+fn open_sessions(n: usize, target: &str, parallel: usize) -> (f64, Vec<f64>) {
+    timed_calls(n, parallel, |i| {
+        let (status, v) = api(
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"vm_id": format!("vm-{i}"), "target": target})),
+        );
+        assert!(status == 201 || status == 200, "open vm-{i}: {status} {v}");
+    })
 }
 
 /// `GET /v1/sessions/vm-i` for `i` in `0..n`, `parallel` at once, each on a new connection: the
 /// latency of an API call that writes nothing, the floor under an open's.
 fn get_sessions(n: usize, parallel: usize) -> Vec<f64> {
-    let next = Arc::new(AtomicU64::new(0));
-    let lat = Arc::new(std::sync::Mutex::new(Vec::new()));
-    std::thread::scope(|scope| {
-        for _ in 0..parallel {
-            let (next, lat) = (next.clone(), lat.clone());
-            scope.spawn(move || {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if i >= n {
-                        return;
-                    }
-                    let t = Instant::now();
-                    let (status, v) = api("GET", &format!("/v1/sessions/vm-{i}"), None);
-                    assert!(status == 200, "get vm-{i}: {status} {v}");
-                    lat.lock()
-                        .map(|mut l| l.push(t.elapsed().as_secs_f64() * 1e3))
-                        .ok();
-                }
-            });
-        }
-    });
-    let mut l = lat.lock().map(|l| l.clone()).unwrap_or_default();
-    l.sort_by(|a, b| a.total_cmp(b));
-    l
+    timed_calls(n, parallel, |i| {
+        let (status, v) = api("GET", &format!("/v1/sessions/vm-{i}"), None);
+        assert!(status == 200, "get vm-{i}: {status} {v}");
+    })
+    .1
 }
 
 /// Retargets sessions `vm-0..n` (parallel 16).
@@ -783,20 +771,8 @@ fn retarget_all(n: usize, target: &str) {
 }
 
 fn close_all(n: usize) {
-    let next = Arc::new(AtomicU64::new(0));
-    std::thread::scope(|scope| {
-        for _ in 0..16 {
-            let next = next.clone();
-            scope.spawn(move || {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if i >= n {
-                        return;
-                    }
-                    api("DELETE", &format!("/v1/sessions/vm-{i}"), None);
-                }
-            });
-        }
+    timed_calls(n, 16, |i| {
+        api("DELETE", &format!("/v1/sessions/vm-{i}"), None);
     });
 }
 
