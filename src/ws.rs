@@ -186,8 +186,8 @@ pub struct FrameReader {
     max_frame: u64,
 }
 
-/// XORs `data`, which starts `offset` bytes into its frame's payload, with the frame's mask:
-/// eight bytes at a time (a byte loop measured ~4x slower on clipboard-sized uploads).
+/// XORs `data`, which starts `offset` bytes into its frame's payload, with the frame's mask,
+/// eight bytes at a time.
 fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     let m: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) & 3]);
     let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
