@@ -559,6 +559,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn junk_behind_buffered_messages_is_an_error_after_them() {
+        let mut wire = masked(OP_BINARY, true, b"ok", [1, 2, 3, 4]);
+        wire.extend(masked(OP_BINARY, true, b"too", [4, 3, 2, 1]));
+        wire.extend([0x82, 0x01, b'x']); // unmasked: no client may send it
+        let (a, _b) = tokio::net::UnixStream::pair().expect("pair");
+        let (r, _w) = a.into_split();
+        let mut reader = FrameReader::new(ReadSide::Unix(r), Bytes::from(wire), 1 << 20);
+        let Ok(Event::Data(first)) = reader.next().await else {
+            panic!("first message");
+        };
+        assert_eq!(&first[..], b"ok");
+        let more = reader.next_buffered().expect("second message");
+        assert_eq!(more.as_deref(), Some(&b"too"[..]));
+        match reader.next_buffered() {
+            Err(WsError::Protocol(why)) => assert!(why.contains("masked"), "{why}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
     async fn protocol_violations_are_errors() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![0x82, 0x01, b'x'], "masked"),
