@@ -8,7 +8,9 @@
 //!
 //! Development knobs (the committed run uses none): `VNCGATE_BENCH_N=100,800` (sizes),
 //! `VNCGATE_BENCH_ROUNDS=5`, `VNCGATE_BENCH_OPENS_ONLY=1` (open figures only, with CPU per
-//! open), `VNCGATE_BENCH_NO_WEBSOCKIFY=1`, `VNCGATE_BENCH_EXE=path` (another vncgate build).
+//! open), `VNCGATE_BENCH_NO_WEBSOCKIFY=1`, `VNCGATE_BENCH_EXE=path` (another vncgate build),
+//! `VNCGATE_BENCH_DAEMON_LOG=warn,vncgate::state=debug` (the daemon's `RUST_LOG`; that one logs
+//! each state commit's duration and batch size).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -979,7 +981,10 @@ fn orchestrate() {
         ])
         .arg("--state-file")
         .arg(state_dir.join("state.json"))
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("VNCGATE_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .spawn()
         .expect("start vncgate");
