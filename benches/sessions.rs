@@ -757,6 +757,20 @@ fn open_sessions(n: usize, target: &str, parallel: usize) -> (f64, Vec<f64>) {
     })
 }
 
+/// The measured opens, 16 at once. With the daemon's log on (`VNCGATE_BENCH_DAEMON_LOG`), marks
+/// the phase in the shared stderr, for `scripts/commit-bound.py`.
+fn opens_16(n: usize, target: &str) -> (f64, Vec<f64>) {
+    let mark = std::env::var_os("VNCGATE_BENCH_DAEMON_LOG").is_some();
+    if mark {
+        eprintln!("bench: opens16 begin");
+    }
+    let result = open_sessions(n, target, 16);
+    if mark {
+        eprintln!("bench: opens16 end");
+    }
+    result
+}
+
 /// `GET /v1/sessions/vm-i` for `i` in `0..n`, `parallel` at once, each on a new connection: the
 /// latency of an API call that writes nothing, the floor under an open's.
 fn get_sessions(n: usize, parallel: usize) -> Vec<f64> {
@@ -1015,7 +1029,7 @@ fn orchestrate() {
         let (seq_s, seq_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 1);
         close_all(n);
         let before = api("GET", "/v1/status", None).1;
-        let (par_s, par_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 16);
+        let (par_s, par_lat) = opens_16(n, &format!("127.0.0.1:{stream_port}"));
         let after = api("GET", "/v1/status", None).1;
         let get_lat = get_sessions(n, 16);
         // The daemon's own commits during those opens: their mean is the commit latency.
@@ -1050,7 +1064,7 @@ fn orchestrate() {
             for round in 1..3 {
                 let before = api("GET", "/v1/status", None).1;
                 let (cpu0, mine0) = (cpu_seconds(&[daemon_pid]), own_cpu_seconds());
-                let (par_s, par_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 16);
+                let (par_s, par_lat) = opens_16(n, &format!("127.0.0.1:{stream_port}"));
                 let cpu = cpu_seconds(&[daemon_pid]) - cpu0;
                 let mine = own_cpu_seconds() - mine0;
                 let after = api("GET", "/v1/status", None).1;
