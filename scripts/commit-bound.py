@@ -44,6 +44,9 @@ def main(path):
     if not found:
         sys.exit(f"{path}: no opens16 phase with commit lines (see the usage at the top)")
     for k, commits in enumerate(found):
+        if not commits:
+            print(f"phase {k}: no commit lines (was the log level warn,vncgate::state=debug?)")
+            continue
         durations = [d for d, _ in commits]
         mean = sum(durations) / len(durations)
         target = 2 * mean + 0.5

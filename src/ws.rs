@@ -521,6 +521,14 @@ mod tests {
         }
     }
 
+    /// A reader whose `wire` bytes are already buffered; keep the peer to keep the socket open.
+    fn reader_over(wire: Vec<u8>) -> (FrameReader, tokio::net::UnixStream) {
+        let (a, peer) = tokio::net::UnixStream::pair().expect("pair");
+        let (r, _w) = a.into_split();
+        let reader = FrameReader::new(ReadSide::Unix(r), Bytes::from(wire), 1 << 20);
+        (reader, peer)
+    }
+
     #[tokio::test]
     async fn buffered_messages_are_handed_on_until_a_control_frame() {
         let mut wire = masked(OP_BINARY, true, b"ab", [1, 2, 3, 4]);
@@ -533,9 +541,7 @@ mod tests {
         wire.extend(masked(OP_BINARY, true, b"after text", [4, 4, 4, 4]));
         // A header cut short: nothing more is buffered, and no read is attempted.
         wire.extend(&masked(OP_BINARY, true, b"cut", [5, 5, 5, 5])[..3]);
-        let (a, _b) = tokio::net::UnixStream::pair().expect("pair");
-        let (r, _w) = a.into_split();
-        let mut reader = FrameReader::new(ReadSide::Unix(r), Bytes::from(wire), 1 << 20);
+        let (mut reader, _peer) = reader_over(wire);
         let Ok(Event::Data(first)) = reader.next().await else {
             panic!("first message");
         };
@@ -563,9 +569,7 @@ mod tests {
         let mut wire = masked(OP_BINARY, true, b"ok", [1, 2, 3, 4]);
         wire.extend(masked(OP_BINARY, true, b"too", [4, 3, 2, 1]));
         wire.extend([0x82, 0x01, b'x']); // unmasked: no client may send it
-        let (a, _b) = tokio::net::UnixStream::pair().expect("pair");
-        let (r, _w) = a.into_split();
-        let mut reader = FrameReader::new(ReadSide::Unix(r), Bytes::from(wire), 1 << 20);
+        let (mut reader, _peer) = reader_over(wire);
         let Ok(Event::Data(first)) = reader.next().await else {
             panic!("first message");
         };
