@@ -13,13 +13,9 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::warn;
-
+use crate::http;
 use crate::pool::PoolStats;
-use crate::server;
-use crate::sessions::{Opened, SessionError, SessionRegistry};
+use crate::registry::{Opened, SessionError, SessionRegistry};
 
 /// Requests are a vm_id and a target; anything near this size is not a real client.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -86,59 +82,30 @@ pub struct ApiState {
     pub public_host: Option<String>,
     pub max_sessions: usize,
     pub started: Instant,
+    /// The API's own TLS (`--api-cert`), whose failed reloads show in status warnings.
+    pub api_tls: Option<Arc<crate::tls::ReloadableTls>>,
+}
+
+/// Serves the API on `listener` until its `stop`: the one accept loop of [`crate::http`], each
+/// connection a task on the listener's tracker, request bodies read within
+/// [`http::BODY_READ_TIMEOUT`].
+pub async fn serve(listener: http::Listener, app: Router) {
+    http::serve(listener, move |_peer| {
+        let app = app.clone();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let req = req.map(|body| {
+                axum::body::Body::new(tower_http::timeout::TimeoutBody::new(
+                    http::BODY_READ_TIMEOUT,
+                    body,
+                ))
+            });
+            tower::ServiceExt::oneshot(app.clone(), req)
+        })
+    })
+    .await
 }
 
 /// The API's routes; a plain function so tests can drive it without a socket.
-/// Serves the API on `listener` until `stop`: each connection is a task on `tracker`, and on
-/// `stop` connections finish the response in hand (within [`server::HTTP_DRAIN`]) and end.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    tracker.spawn(serve_connection(stream, app.clone(), stop.clone()));
-                }
-                Err(err) => {
-                    warn!(%err, "control API accept failed; backing off");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(server::ACCEPT_BACKOFF) => {}
-                    }
-                }
-            },
-        }
-    }
-}
-
-async fn serve_connection(stream: tokio::net::TcpStream, app: Router, stop: CancellationToken) {
-    let _ = stream.set_nodelay(true);
-    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        tower::ServiceExt::oneshot(app.clone(), req)
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(server::HEADER_READ_TIMEOUT)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(err) = result {
-                tracing::debug!(%err, "control API connection ended");
-            }
-        }
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(server::HTTP_DRAIN, conn).await;
-        }
-    }
-}
-
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/sessions", get(list_sessions).post(open_session))
@@ -252,7 +219,7 @@ async fn open_session(
         Opened::Created => StatusCode::CREATED,
         Opened::Unchanged | Opened::Retargeted => StatusCode::OK,
     };
-    let info = session.info(&url_host(&state, &headers), state.registry.bundled_page());
+    let info = session.info(&url_host(&state, &headers), state.registry.url_style());
     Ok((status, Json(info)).into_response())
 }
 
@@ -262,7 +229,7 @@ async fn list_sessions(State(state): State<ApiState>, headers: HeaderMap) -> Res
         .registry
         .list()
         .iter()
-        .map(|s| s.info(&host, state.registry.bundled_page()))
+        .map(|s| s.info(&host, state.registry.url_style()))
         .collect();
     Json(serde_json::json!({ "sessions": sessions })).into_response()
 }
@@ -282,7 +249,7 @@ async fn get_session(
         .registry
         .get(&vm_id)
         .ok_or(SessionError::NotFound(vm_id))?;
-    let info = session.info(&url_host(&state, &headers), state.registry.bundled_page());
+    let info = session.info(&url_host(&state, &headers), state.registry.url_style());
     Ok(Json(info).into_response())
 }
 
@@ -351,6 +318,9 @@ impl From<PoolStats> for PoolStatus {
 async fn status(State(state): State<ApiState>) -> Json<Status> {
     let active_sessions = state.registry.len();
     let mut warnings = state.registry.warnings();
+    if let Some(w) = state.api_tls.as_ref().and_then(|t| t.warning()) {
+        warnings.push(w);
+    }
     // 80% of the cap: time to act before opens start failing.
     if active_sessions * 5 >= state.max_sessions * 4 {
         warnings.push(format!(

@@ -3,18 +3,27 @@
 
 use std::fmt::Write as _;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid API address {0:?}: expected e.g. http://127.0.0.1:6080")]
+    #[error(
+        "invalid API address {0:?}: expected e.g. http://127.0.0.1:6080 or https://vncgate.example:6080"
+    )]
     BadApi(String),
+    #[error("cannot use the CA file {path} (VNCGATE_API_CA): {reason}")]
+    BadCa { path: PathBuf, reason: String },
     #[error(
         "cannot reach the vncgate API at {api}: {reason} (is `vncgate serve` running? set --api or VNCGATE_API)"
     )]
@@ -29,22 +38,108 @@ pub enum ClientError {
     BadAnswer { status: u16, body: String },
 }
 
-/// A connection to one daemon's API.
+/// A client of one daemon's API, over http or https.
 pub struct ApiClient {
     base: String,
+    host: String,
+    port: u16,
     token: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    /// Set for an `https://` API: the roots its certificate must chain to.
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// Both plain and TLS connections to the API.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The roots an `https://` API's certificate is checked against: the PEM file `ca` (a private
+/// CA, `VNCGATE_API_CA`) when given, else the system's.
+fn trust_roots(ca: Option<PathBuf>) -> Result<rustls::RootCertStore, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let bad = |reason: String| ClientError::BadCa {
+                path: path.clone(),
+                reason,
+            };
+            let pem = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in it".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        None => {
+            // Unreadable system certificates only narrow what is trusted.
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    Ok(roots)
 }
 
 impl ApiClient {
-    pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+    /// `base` is `http://HOST:PORT` or `https://HOST:PORT`; `ca` a PEM file of the CA an https
+    /// API's certificate chains to (else the system's roots). `token` is the API bearer token.
+    pub fn new(
+        base: &str,
+        token: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_owned();
-        match base.parse::<Uri>() {
-            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+        let uri = base
+            .parse::<Uri>()
+            .map_err(|_| ClientError::BadApi(base.clone()))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => None,
+            Some("https") => {
+                let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|_| ClientError::BadApi(base.clone()))?
+                .with_root_certificates(trust_roots(ca)?)
+                .with_no_client_auth();
+                Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+            }
             _ => return Err(ClientError::BadApi(base)),
-        }
-        let http = Client::builder(TokioExecutor::new()).build_http();
-        Ok(ApiClient { base, token, http })
+        };
+        let Some(host) = uri.host() else {
+            return Err(ClientError::BadApi(base));
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri
+            .port_u16()
+            .unwrap_or(if tls.is_some() { 443 } else { 80 });
+        Ok(ApiClient {
+            base,
+            host,
+            port,
+            token,
+            tls,
+        })
+    }
+
+    /// One connection for one request (each CLI command makes one).
+    async fn connect(&self) -> Result<Box<dyn Io>, String> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| e.to_string())?;
+        let stream = tls.connect(name, tcp).await.map_err(|e| {
+            format!("TLS handshake failed: {e} (for a private CA set VNCGATE_API_CA=/path/ca.pem)")
+        })?;
+        Ok(Box::new(stream))
     }
 
     /// One request; a non-2xx answer becomes [`ClientError::Api`] with the server's message.
@@ -55,7 +150,16 @@ impl ApiClient {
         body: Option<Value>,
     ) -> Result<(StatusCode, Value), ClientError> {
         let uri = format!("{}{}", self.base, path);
-        let mut req = Request::builder().method(method).uri(&uri);
+        // Origin-form on the wire, with the authority in Host.
+        let authority = self
+            .base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, a)| a)
+            .to_owned();
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, authority);
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -68,7 +172,13 @@ impl ApiClient {
             api: self.base.clone(),
             reason,
         };
-        let response = self.http.request(req).await.map_err(|e| {
+        let io = self.connect().await.map_err(unreachable)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        // Drives the connection while the request is in flight; ends with it.
+        let driver = tokio::spawn(conn);
+        let response = sender.send_request(req).await.map_err(|e| {
             let mut reason = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
@@ -76,14 +186,18 @@ impl ApiClient {
                 source = s.source();
             }
             unreachable(reason)
-        })?;
+        });
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                driver.abort();
+                return Err(e);
+            }
+        };
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
+        let bytes = response.into_body().collect().await;
+        driver.abort();
+        let bytes = bytes.map_err(|e| unreachable(e.to_string()))?.to_bytes();
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {

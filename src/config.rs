@@ -12,6 +12,8 @@ use clap::Args;
 use serde::Deserialize;
 use tracing::warn;
 
+use crate::tls::{TlsFiles, TlsVersion};
+
 /// Default cap on sessions: enough for a large host, and what the pool can serve twice over.
 pub const DEFAULT_MAX_SESSIONS: usize = 800;
 /// Under the 60 s idle timeout of common reverse proxies, with room for two missed pongs.
@@ -43,6 +45,12 @@ pub struct Config {
     pub state_file: PathBuf,
     /// Move an unusable state file aside and start with no sessions instead of refusing.
     pub start_empty: bool,
+    /// `--cert`/`--key`: session ports speak HTTPS/WSS only.
+    pub tls: Option<TlsFiles>,
+    /// `--api-cert`/`--api-key`: the control API speaks HTTPS.
+    pub api_tls: Option<TlsFiles>,
+    /// `--tls-min-version`.
+    pub tls_min_version: TlsVersion,
 }
 
 impl Default for Config {
@@ -59,6 +67,9 @@ impl Default for Config {
             web: None,
             state_file: PathBuf::from("vncgate-state.json"),
             start_empty: false,
+            tls: None,
+            api_tls: None,
+            tls_min_version: TlsVersion::V1_2,
         }
     }
 }
@@ -127,6 +138,21 @@ pub struct ServeArgs {
     /// When the state file is unusable: move it aside and start with no sessions
     #[arg(long, env = "VNCGATE_START_EMPTY")]
     pub start_empty: bool,
+    /// PEM certificate chain for the session ports (with --key): they speak HTTPS/WSS only
+    #[arg(long, env = "VNCGATE_CERT")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert (PKCS#8, SEC1 or RSA)
+    #[arg(long, env = "VNCGATE_KEY")]
+    pub key: Option<PathBuf>,
+    /// PEM certificate chain for the control API (with --api-key): it speaks HTTPS
+    #[arg(long, env = "VNCGATE_API_CERT")]
+    pub api_cert: Option<PathBuf>,
+    /// PEM private key of --api-cert
+    #[arg(long, env = "VNCGATE_API_KEY")]
+    pub api_key: Option<PathBuf>,
+    /// Oldest TLS version accepted: 1.2 or 1.3 [default: 1.2]
+    #[arg(long, env = "VNCGATE_TLS_MIN_VERSION")]
+    pub tls_min_version: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -154,6 +180,14 @@ struct FileConfig {
     state_file: Option<PathBuf>,
     #[serde(alias = "start_empty")]
     start_empty: Option<bool>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(alias = "api_cert")]
+    api_cert: Option<PathBuf>,
+    #[serde(alias = "api_key")]
+    api_key: Option<PathBuf>,
+    #[serde(alias = "tls_min_version")]
+    tls_min_version: Option<String>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -236,8 +270,48 @@ impl ServeArgs {
             config.state_file = path;
         }
         config.start_empty = self.start_empty || file.start_empty.unwrap_or(false);
+        config.tls = tls_pair(
+            ("--cert", self.cert.clone().or(file.cert)),
+            ("--key", self.key.clone().or(file.key)),
+        )?;
+        config.api_tls = tls_pair(
+            ("--api-cert", self.api_cert.clone().or(file.api_cert)),
+            ("--api-key", self.api_key.clone().or(file.api_key)),
+        )?;
+        if let Some(v) = pick(&self.tls_min_version, file.tls_min_version) {
+            config.tls_min_version = v
+                .parse()
+                .map_err(|reason: String| invalid("--tls-min-version", &v, reason))?;
+        }
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)
+    }
+}
+
+/// A certificate and key given together, or neither.
+fn tls_pair(
+    (cert_key, cert): (&'static str, Option<PathBuf>),
+    (key_key, key): (&'static str, Option<PathBuf>),
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (Some(cert), None) => Err(invalid(
+            key_key,
+            "",
+            format!(
+                "{cert_key} {} needs its private key: add {key_key} FILE",
+                cert.display()
+            ),
+        )),
+        (None, Some(key)) => Err(invalid(
+            cert_key,
+            "",
+            format!(
+                "{key_key} {} needs its certificate: add {cert_key} FILE",
+                key.display()
+            ),
+        )),
     }
 }
 

@@ -11,11 +11,13 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::http;
 use crate::pool::{self, PortPool};
+use crate::registry::SessionRegistry;
 use crate::relay::RelaySettings;
 use crate::server::ServerContext;
-use crate::sessions::SessionRegistry;
 use crate::state::{self, CommitError, StateError, StateLock};
+use crate::tls::{ReloadableTls, TlsError, TlsFiles, TlsVersion};
 use crate::web::WebRoot;
 
 /// Shutdown must end within this, even with hundreds of live viewers.
@@ -25,6 +27,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 pub enum DaemonError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{what}: {source}")]
+    Tls {
+        what: &'static str,
+        source: TlsError,
+    },
     #[error("cannot write the restored session table: {0}")]
     FirstWrite(CommitError),
     #[error(
@@ -57,7 +64,22 @@ pub struct Daemon {
     registry: Arc<SessionRegistry>,
     root: CancellationToken,
     tracker: TaskTracker,
+    /// Session ports' and the API's TLS, reloaded by [`Daemon::reload`].
+    tls: Vec<Arc<ReloadableTls>>,
     _lock: StateLock,
+}
+
+/// Loads a listener's certificate and key, if it has them.
+fn load_tls(
+    what: &'static str,
+    files: &Option<TlsFiles>,
+    min_version: TlsVersion,
+) -> Result<Option<Arc<ReloadableTls>>, DaemonError> {
+    files
+        .clone()
+        .map(|f| ReloadableTls::load(f, min_version).map(Arc::new))
+        .transpose()
+        .map_err(|source| DaemonError::Tls { what, source })
 }
 
 impl Daemon {
@@ -65,6 +87,17 @@ impl Daemon {
     /// only then binds the control API: when `/healthz` answers, the sessions are back. Call
     /// inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        // Certificates first: a bad pair must stop the start before anything is bound.
+        let session_tls = load_tls(
+            "cannot use --cert/--key for the session ports",
+            &config.tls,
+            config.tls_min_version,
+        )?;
+        let api_tls = load_tls(
+            "cannot use --api-cert/--api-key for the control API",
+            &config.api_tls,
+            config.tls_min_version,
+        )?;
         let lock = state::acquire_lock(&config.state_file)?;
         state::remove_stale_temps(&config.state_file);
         let records = state::load(&config.state_file, config.start_empty)?;
@@ -85,6 +118,7 @@ impl Daemon {
                 Some(dir) => WebRoot::Dir(dir.clone()),
                 None => WebRoot::Bundled,
             },
+            tls: session_tls.clone(),
             tracker: tracker.clone(),
             root: root.clone(),
         });
@@ -110,8 +144,18 @@ impl Daemon {
             public_host: config.public_host.clone(),
             max_sessions: config.max_sessions,
             started: Instant::now(),
+            api_tls: api_tls.clone(),
         });
-        tracker.spawn(api::serve(listener, app, root.clone(), tracker.clone()));
+        tracker.spawn(api::serve(
+            http::Listener {
+                socket: listener,
+                tls: api_tls.clone(),
+                stop: root.clone(),
+                tracker: tracker.clone(),
+                span: tracing::info_span!("api"),
+            },
+            app,
+        ));
         if config.public_host.is_none() && api_addr.ip().is_loopback() {
             warn!(
                 "--public-host is unset and the API is on loopback: console URLs name the host clients use to reach the API (e.g. 127.0.0.1)"
@@ -129,8 +173,26 @@ impl Daemon {
             registry,
             root,
             tracker,
+            tls: session_tls.into_iter().chain(api_tls).collect(),
             _lock: lock,
         })
+    }
+
+    /// `SIGHUP`: re-reads every certificate and key. New handshakes use a pair that loads;
+    /// a pair that fails keeps the old one, is logged, and shows in `/v1/status` warnings
+    /// until a reload succeeds. Live connections are never touched.
+    pub fn reload(&self) {
+        for tls in &self.tls {
+            let files = tls.files();
+            match tls.reload() {
+                Ok(()) => {
+                    info!(cert = %files.cert.display(), key = %files.key.display(), "tls certificate reloaded")
+                }
+                Err(err) => {
+                    warn!(%err, "tls reload failed; still serving the previous certificate")
+                }
+            }
+        }
     }
 
     pub fn api_addr(&self) -> SocketAddr {

@@ -75,7 +75,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = || ApiClient::new(&cli.api, std::env::var("VNCGATE_API_TOKEN").ok());
+    let client = || {
+        ApiClient::new(
+            &cli.api,
+            std::env::var("VNCGATE_API_TOKEN").ok(),
+            std::env::var_os("VNCGATE_API_CA").map(Into::into),
+        )
+    };
     let output = match &cli.command {
         Command::Serve(args) => return serve(args).await,
         Command::Open {
@@ -102,18 +108,25 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve().context("invalid configuration")?;
     raise_nofile_limit();
     let daemon = Daemon::start(config).await?;
-    wait_for_signal().await?;
+    run_until_stopped(&daemon).await?;
     tracing::info!("shutting down");
     daemon.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGINT or SIGTERM; SIGHUP on the way reloads certificates.
+async fn run_until_stopped(daemon: &Daemon) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r.context("cannot wait for SIGINT"),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                daemon.reload();
+            }
+        }
     }
-    Ok(())
 }

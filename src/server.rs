@@ -1,37 +1,31 @@
-//! One session port: the accept loop, HTTP routing, the WebSocket upgrade and its checks.
+//! Routing on a session port: the console page, `GET /session`, and the WebSocket upgrade
+//! with its checks; the accepted viewer goes to the relay. Connections come from [`crate::http`].
 //!
 //! Every request is handled against the [`Session`] the port serves; the checks (token,
 //! subprotocol, viewer cap) take the session as an argument, so a single public port that
 //! resolves the session from the token can reuse them unchanged.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
 
+use crate::http::{self, ClientStream, Peer, UpgradedIo};
 use crate::pool::PortLease;
-use crate::relay::{self, ClientConn, Outcome, RelaySettings};
-use crate::sessions::Session;
+use crate::relay::{self, ClientConn, CloseReason, RelaySettings};
+use crate::session::Session;
+use crate::tls::ReloadableTls;
 use crate::web::{self, Body, WebRoot, full};
 use crate::ws::{FrameReader, FrameWriter, ReadSide};
-
-/// A client that has not sent its request headers by then is dropped (slowloris).
-pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// After an accept error (EMFILE, ...) the loop waits this long instead of spinning.
-pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// How long a plain HTTP connection may take to finish its response when its session closes.
-pub(crate) const HTTP_DRAIN: Duration = Duration::from_secs(1);
 
 /// What every session server shares.
 #[derive(Debug)]
@@ -40,6 +34,8 @@ pub struct ServerContext {
     pub max_viewers: usize,
     /// What plain GETs are served from.
     pub web: WebRoot,
+    /// `--cert`/`--key`: session ports speak HTTPS/WSS only.
+    pub tls: Option<Arc<ReloadableTls>>,
     pub tracker: TaskTracker,
     /// Cancelled at shutdown; every session's token is a child.
     pub root: CancellationToken,
@@ -53,75 +49,36 @@ pub fn spawn_session_server(
     session: Arc<Session>,
     ctx: Arc<ServerContext>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let listener = TcpListener::from_std(listener)?;
+    let socket = TcpListener::from_std(listener)?;
+    let listener = http::Listener {
+        socket,
+        tls: ctx.tls.clone(),
+        stop: session.cancel_token(),
+        tracker: ctx.tracker.clone(),
+        span: info_span!("session", vm_id = %session.vm_id, port = session.port),
+    };
     let tracker = ctx.tracker.clone();
-    Ok(tracker.spawn(serve_port(listener, lease, session, ctx)))
-}
-
-async fn serve_port(
-    listener: TcpListener,
-    lease: PortLease,
-    session: Arc<Session>,
-    ctx: Arc<ServerContext>,
-) {
-    loop {
-        tokio::select! {
-            _ = session.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    ctx.tracker.spawn(serve_connection(stream, peer, Arc::clone(&session), Arc::clone(&ctx)));
-                }
-                Err(err) => {
-                    warn!(vm_id = %session.vm_id, port = lease.port(), %err, "accept failed; backing off");
-                    tokio::select! {
-                        _ = session.cancelled() => break,
-                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                    }
-                }
-            },
-        }
-    }
-    drop(listener);
-    drop(lease);
-}
-
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    session: Arc<Session>,
-    ctx: Arc<ServerContext>,
-) {
-    // Keystrokes and pointer events are tiny; they must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
-    let svc_session = Arc::clone(&session);
-    let svc_ctx = Arc::clone(&ctx);
-    let service = hyper::service::service_fn(move |req| {
-        let session = Arc::clone(&svc_session);
-        let ctx = Arc::clone(&svc_ctx);
-        async move { Ok::<_, Infallible>(handle(req, peer, &session, &ctx).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(err) = result {
-                debug!(vm_id = %session.vm_id, port = session.port, %peer, %err, "http connection ended");
-            }
-        }
-        _ = session.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(HTTP_DRAIN, conn).await;
-        }
-    }
+    Ok(tracker.spawn(async move {
+        let service_ctx = Arc::clone(&ctx);
+        let service_session = Arc::clone(&session);
+        http::serve(listener, move |peer| {
+            let session = Arc::clone(&service_session);
+            let ctx = Arc::clone(&service_ctx);
+            hyper::service::service_fn(move |req| {
+                let session = Arc::clone(&session);
+                let ctx = Arc::clone(&ctx);
+                async move { Ok::<_, Infallible>(handle(req, peer, &session, &ctx).await) }
+            })
+        })
+        .await;
+        // The socket closed when `serve` returned; only now may the port be handed out again.
+        drop(lease);
+    }))
 }
 
 async fn handle(
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
     session: &Arc<Session>,
     ctx: &Arc<ServerContext>,
 ) -> Response<Body> {
@@ -138,7 +95,7 @@ async fn handle(
                 response
             }
             Err(refusal) => {
-                info!(vm_id = %session.vm_id, port = session.port, %peer, reason = refusal.message, "websocket refused");
+                info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, reason = refusal.message, "websocket refused");
                 refusal.into_response()
             }
         };
@@ -296,7 +253,7 @@ fn choose_subprotocol(headers: &HeaderMap) -> Result<Option<&'static str>, Refus
 /// One viewer: completes the upgrade, enforces the viewer cap and relays.
 async fn serve_viewer(
     upgrade: hyper::upgrade::OnUpgrade,
-    peer: SocketAddr,
+    peer: Peer,
     session: Arc<Session>,
     ctx: Arc<ServerContext>,
 ) {
@@ -304,52 +261,74 @@ async fn serve_viewer(
         u = upgrade => match u {
             Ok(u) => u,
             Err(err) => {
-                debug!(vm_id = %session.vm_id, port = session.port, %peer, %err, "upgrade failed");
+                debug!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, %err, "upgrade failed");
                 return;
             }
         },
         _ = session.cancelled() => return,
     };
-    // Our own connections are plain TCP under hyper; take the socket back for the relay.
-    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+    // Our own connections under hyper; take the stream back for the relay.
+    let parts = match upgraded.downcast::<UpgradedIo>() {
         Ok(parts) => parts,
         Err(_) => {
-            warn!(vm_id = %session.vm_id, port = session.port, %peer, "upgraded connection is not a TCP socket; dropped");
+            warn!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, "upgraded connection is not one of ours; dropped");
             return;
         }
     };
-    let (read_half, write_half) = parts.io.into_inner().into_split();
-    let mut client = ClientConn {
-        reader: FrameReader::new(
-            ReadSide::Tcp(read_half),
-            parts.read_buf,
-            relay::MAX_CLIENT_FRAME,
-        ),
-        writer: FrameWriter::new(write_half),
-    };
-    let Some(guard) = session.add_viewer(peer, ctx.max_viewers) else {
-        info!(vm_id = %session.vm_id, port = session.port, %peer, "viewer refused: too many viewers");
-        client.close(1013, "too many viewers").await;
+    let leftover = parts.read_buf;
+    match parts.io.into_inner().into_inner() {
+        ClientStream::Plain(tcp) => {
+            // The fast path: the socket's halves, read in place when readable.
+            let (r, w) = tcp.into_split();
+            let reader = FrameReader::new(ReadSide::Tcp(r), leftover, relay::MAX_CLIENT_FRAME);
+            relay_viewer(reader, FrameWriter::new(w), peer, &session, &ctx).await;
+        }
+        ClientStream::Tls(tls) => {
+            let (r, w) = tokio::io::split(*tls);
+            let reader = FrameReader::new(
+                ReadSide::Stream(Box::new(r)),
+                leftover,
+                relay::MAX_CLIENT_FRAME,
+            );
+            relay_viewer(reader, FrameWriter::new(w), peer, &session, &ctx).await;
+        }
+    }
+}
+
+async fn relay_viewer<W: AsyncWrite + Unpin>(
+    reader: FrameReader,
+    writer: FrameWriter<W>,
+    peer: Peer,
+    session: &Arc<Session>,
+    ctx: &ServerContext,
+) {
+    let mut client = ClientConn { reader, writer };
+    let Some(guard) = session.add_viewer(peer.addr, ctx.max_viewers) else {
+        info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, "viewer refused: too many viewers");
+        client.close(&CloseReason::TooManyViewers).await;
         return;
     };
     let ticket = session.ticket();
-    info!(vm_id = %session.vm_id, port = session.port, %peer, viewer = guard.viewer().id, target = %ticket.target, "viewer connected");
+    let viewer = guard.viewer().id;
+    info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, target = %ticket.target, tls = peer.tls, "viewer connected");
     let outcome = relay::run_relay(
         client,
         &ticket.target,
         &ticket.cancel,
-        || session.cancel_frame(),
+        || session.cancel_reason(),
         &guard.viewer().traffic,
         ctx.relay,
     )
     .await;
-    let viewer = guard.viewer().id;
-    match &outcome {
-        Outcome::Unreachable(why) | Outcome::TargetFailed(why) => {
-            warn!(vm_id = %session.vm_id, port = session.port, %peer, viewer, reason = %why, "viewer closed")
+    match (&outcome.close, &outcome.gone) {
+        (Some(reason), _) if reason.is_target_fault() => {
+            warn!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, code = reason.code(), reason = reason.reason(), "viewer closed")
         }
-        other => {
-            info!(vm_id = %session.vm_id, port = session.port, %peer, viewer, outcome = ?other, "viewer closed")
+        (Some(reason), _) => {
+            info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, code = reason.code(), reason = reason.reason(), "viewer closed")
+        }
+        (None, gone) => {
+            info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, gone = gone.as_deref().unwrap_or(""), "viewer closed: connection gone")
         }
     }
 }

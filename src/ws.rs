@@ -4,12 +4,15 @@
 //! so a large client message never has to fit in memory and fragmented messages need no
 //! reassembly (VNC is a byte stream). The writer puts a frame header in room kept in front of the
 //! payload and sends both with one write, without copying the payload. Both keep no buffer while
-//! the socket is idle.
+//! the socket is idle. Frames go over any stream: TCP and unix sockets are read in place when
+//! readable, any other `AsyncRead` (a TLS stream) through a stack buffer, so idle costs nothing.
 
 use std::io;
 
+use std::pin::Pin;
+
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{tcp, unix};
 
 pub const OP_CONTINUATION: u8 = 0x0;
@@ -46,10 +49,16 @@ pub enum Event {
     Close(Option<u16>),
 }
 
-/// The read side of a socket, read only when readable so an idle one holds no buffer.
+/// Bytes one read of a generic stream takes at most, through a buffer on the stack.
+const STREAM_READ: usize = 16 * 1024;
+
+/// The read side of a connection, read only when readable so an idle one holds no buffer.
 pub enum ReadSide {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    /// Any other stream (a TLS stream's read half). It is read into a stack buffer that lives
+    /// only during a poll, then appended, so waiting holds no heap buffer here either.
+    Stream(Box<dyn AsyncRead + Send + Unpin>),
 }
 
 impl ReadSide {
@@ -71,6 +80,7 @@ impl ReadSide {
             match self {
                 ReadSide::Tcp(r) => r.readable().await?,
                 ReadSide::Unix(r) => r.readable().await?,
+                ReadSide::Stream(r) => return read_stream(r.as_mut(), buf, want, prefix).await,
             }
             if buf.len() < prefix {
                 buf.reserve(prefix - buf.len() + want);
@@ -81,6 +91,8 @@ impl ReadSide {
             let read = match self {
                 ReadSide::Tcp(r) => r.try_read_buf(buf),
                 ReadSide::Unix(r) => r.try_read_buf(buf),
+                // Returned above; a stream has no readiness to retry on.
+                ReadSide::Stream(_) => continue,
             };
             match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -88,6 +100,32 @@ impl ReadSide {
             }
         }
     }
+}
+
+/// One read of at most `want` (and [`STREAM_READ`]) bytes from `r`, appended to `buf` after its
+/// first `prefix` bytes. The bytes land on the stack first: the heap buffer is touched only
+/// once data is there.
+async fn read_stream(
+    r: &mut (dyn AsyncRead + Send + Unpin),
+    buf: &mut BytesMut,
+    want: usize,
+    prefix: usize,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut stack = [0u8; STREAM_READ];
+        let mut chunk = ReadBuf::new(&mut stack[..want.clamp(1, STREAM_READ)]);
+        std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut chunk))?;
+        let got = chunk.filled();
+        if !got.is_empty() {
+            if buf.len() < prefix {
+                buf.reserve(prefix - buf.len() + got.len());
+                buf.resize(prefix, 0);
+            }
+            buf.extend_from_slice(got);
+        }
+        std::task::Poll::Ready(Ok(got.len()))
+    })
+    .await
 }
 
 /// Room a read buffer keeps in front of its payload for the largest frame header, so header and

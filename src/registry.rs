@@ -1,27 +1,22 @@
-//! The session registry: open, retarget and close console sessions, with rollback.
+//! The session table: open, retarget and close console sessions, with rollback, and the
+//! coordination with the durable state file (DESIGN.md "Data flow").
 //!
-//! A session owns a pool port (through its listener task), a token, a target with a generation,
+//! A session owns a pool port (through its server task), a token, a target with a generation,
 //! and the records of its live viewers. Opening is atomic: a failure after the bind drops the
 //! lease and leaves no entry and no task behind.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use serde::Serialize;
-use subtle::ConstantTimeEq;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::pool::{PoolError, PortPool};
-use crate::relay::{Target, TargetError, Traffic};
 use crate::server::{self, ServerContext};
-use crate::state::{self, CommitError, CommitStats, Committer, SessionRecord, TokenRecord};
+use crate::session::{Session, UrlStyle, lock, new_token, rfc3339};
+use crate::state::{self, CommitError, CommitStats, Committer, SessionRecord};
+use crate::target::{Target, TargetError};
 
 /// Why a registry call failed; the API maps each to a status and code.
 #[derive(Debug, thiserror::Error)]
@@ -58,312 +53,12 @@ pub fn validate_vm_id(vm_id: &str) -> Result<(), SessionError> {
     }
 }
 
-/// 192 random bits, hex: unguessable and safe in a URL without escaping.
-fn new_token() -> String {
-    let bytes: [u8; 24] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What an open did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
     Created,
     Unchanged,
     Retargeted,
-}
-
-/// One live viewer of a session.
-#[derive(Debug)]
-pub struct Viewer {
-    pub id: u64,
-    pub peer: SocketAddr,
-    pub started_at: SystemTime,
-    pub traffic: Traffic,
-}
-
-/// Removes its viewer from the session when the connection ends, keeping its byte counts.
-pub struct ViewerGuard {
-    session: Arc<Session>,
-    viewer: Arc<Viewer>,
-}
-
-impl ViewerGuard {
-    pub fn viewer(&self) -> &Viewer {
-        &self.viewer
-    }
-}
-
-impl Drop for ViewerGuard {
-    fn drop(&mut self) {
-        let t = &self.viewer.traffic;
-        let s = &self.session.ended_traffic;
-        s.to_client
-            .fetch_add(t.to_client.load(Ordering::Relaxed), Ordering::Relaxed);
-        s.to_server
-            .fetch_add(t.to_server.load(Ordering::Relaxed), Ordering::Relaxed);
-        lock(&self.session.viewers).remove(&self.viewer.id);
-    }
-}
-
-#[derive(Debug)]
-struct TargetSlot {
-    target: Target,
-    /// This session's record in the state file, serialised once per target: a write of 800
-    /// sessions then copies bytes instead of formatting and serialising 800 records.
-    record: Arc<[u8]>,
-    generation: u64,
-    /// Cancelled when this generation is replaced; a child of the session's token.
-    cancel: CancellationToken,
-}
-
-/// What undoes a retarget.
-struct RetargetUndo {
-    old_target: Target,
-    old_cancel: CancellationToken,
-}
-
-/// The target a connection should use, and the token that ends it when the target changes.
-pub struct TargetTicket {
-    pub target: Target,
-    pub generation: u64,
-    pub cancel: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here is a few assignments; a panic cannot leave them torn.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// One console session.
-#[derive(Debug)]
-pub struct Session {
-    pub vm_id: String,
-    pub port: u16,
-    pub token: String,
-    pub created_at: SystemTime,
-    target: Mutex<TargetSlot>,
-    cancel: CancellationToken,
-    root: CancellationToken,
-    closed: AtomicBool,
-    viewers: Mutex<HashMap<u64, Arc<Viewer>>>,
-    next_viewer: AtomicU64,
-    ended_traffic: Traffic,
-    listener_task: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Session {
-    pub fn target(&self) -> Target {
-        lock(&self.target).target.clone()
-    }
-
-    /// The current target for a new connection.
-    pub fn ticket(&self) -> TargetTicket {
-        let slot = lock(&self.target);
-        TargetTicket {
-            target: slot.target.clone(),
-            generation: slot.generation,
-            cancel: slot.cancel.clone(),
-        }
-    }
-
-    /// Fires when the session closes or the daemon shuts down.
-    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.cancel.cancelled()
-    }
-
-    /// Constant-time: the time taken says nothing about how much of a guess was right.
-    pub fn token_matches(&self, candidate: &str) -> bool {
-        bool::from(candidate.as_bytes().ct_eq(self.token.as_bytes()))
-    }
-
-    /// The close frame for a connection whose ticket was cancelled: why did it end?
-    pub fn cancel_frame(&self) -> (u16, &'static str) {
-        if self.root.is_cancelled() {
-            (1001, "vncgate restarting")
-        } else if self.closed.load(Ordering::SeqCst) {
-            (1001, "session closed")
-        } else {
-            (1012, "VNC target changed")
-        }
-    }
-
-    /// Registers a viewer unless `cap` viewers are live already.
-    pub fn add_viewer(self: &Arc<Self>, peer: SocketAddr, cap: usize) -> Option<ViewerGuard> {
-        let mut viewers = lock(&self.viewers);
-        if viewers.len() >= cap {
-            return None;
-        }
-        let viewer = Arc::new(Viewer {
-            id: self.next_viewer.fetch_add(1, Ordering::Relaxed),
-            peer,
-            started_at: SystemTime::now(),
-            traffic: Traffic::default(),
-        });
-        viewers.insert(viewer.id, Arc::clone(&viewer));
-        Some(ViewerGuard {
-            session: Arc::clone(self),
-            viewer,
-        })
-    }
-
-    pub fn viewer_count(&self) -> usize {
-        lock(&self.viewers).len()
-    }
-
-    /// Points new connections at `target`. The old generation's token is handed back, not
-    /// cancelled: the caller cancels it once the change is durable, or restores it.
-    fn retarget(&self, target: Target) -> Option<RetargetUndo> {
-        let mut slot = lock(&self.target);
-        if slot.target == target {
-            return None;
-        }
-        slot.record = render_record(
-            self.vm_id.as_str(),
-            &target,
-            self.port,
-            &self.token,
-            self.created_at,
-        );
-        let old_target = std::mem::replace(&mut slot.target, target);
-        let old_cancel = std::mem::replace(&mut slot.cancel, self.cancel.child_token());
-        slot.generation += 1;
-        Some(RetargetUndo {
-            old_target,
-            old_cancel,
-        })
-    }
-
-    /// Undoes a retarget whose write failed: connections made to the new target end, the old
-    /// ones never noticed.
-    fn restore_target(&self, undo: RetargetUndo) {
-        let mut slot = lock(&self.target);
-        slot.cancel.cancel();
-        slot.record = render_record(
-            self.vm_id.as_str(),
-            &undo.old_target,
-            self.port,
-            &self.token,
-            self.created_at,
-        );
-        slot.target = undo.old_target;
-        slot.cancel = undo.old_cancel;
-        slot.generation += 1;
-    }
-
-    /// Tells the listener and viewers to end, without waiting.
-    fn begin_stop(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.cancel.cancel();
-    }
-
-    /// Ends the session: viewers get 1001 `session closed`, and the listener is closed (its
-    /// port back in the pool) when this returns.
-    async fn stop(&self) {
-        self.begin_stop();
-        let task = lock(&self.listener_task).take();
-        if let Some(task) = task
-            && let Err(err) = task.await
-        {
-            warn!(vm_id = %self.vm_id, port = self.port, %err, "session listener task failed");
-        }
-    }
-
-    /// A snapshot for the API. `host` is what console URLs name.
-    pub fn info(&self, host: &str, bundled_page: bool) -> SessionInfo {
-        let viewers: Vec<ViewerInfo> = {
-            let live = lock(&self.viewers);
-            let mut v: Vec<ViewerInfo> = live
-                .values()
-                .map(|v| ViewerInfo {
-                    id: v.id,
-                    peer: v.peer.to_string(),
-                    started_at: rfc3339(v.started_at),
-                    bytes_to_client: v.traffic.to_client.load(Ordering::Relaxed),
-                    bytes_to_server: v.traffic.to_server.load(Ordering::Relaxed),
-                })
-                .collect();
-            v.sort_by_key(|v| v.id);
-            v
-        };
-        let live_to_client: u64 = viewers.iter().map(|v| v.bytes_to_client).sum();
-        let live_to_server: u64 = viewers.iter().map(|v| v.bytes_to_server).sum();
-        let authority = format!("{host}:{}", self.port);
-        SessionInfo {
-            vm_id: self.vm_id.clone(),
-            target: self.target(),
-            ws_port: self.port,
-            url: if bundled_page {
-                // The fragment never reaches a server or proxy log.
-                format!("http://{authority}/vnc.html#token={}", self.token)
-            } else {
-                // Another app (Debian's noVNC) reads the WebSocket path from the query.
-                format!(
-                    "http://{authority}/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D{}",
-                    self.token
-                )
-            },
-            ws_url: format!("ws://{authority}/websockify?token={}", self.token),
-            token: self.token.clone(),
-            created_at: rfc3339(self.created_at),
-            connections: viewers.len(),
-            bytes_to_client: self.ended_traffic.to_client.load(Ordering::Relaxed) + live_to_client,
-            bytes_to_server: self.ended_traffic.to_server.load(Ordering::Relaxed) + live_to_server,
-            viewers,
-        }
-    }
-}
-
-/// One session's record, as the state file holds it.
-fn render_record(
-    vm_id: &str,
-    target: &Target,
-    port: u16,
-    token: &str,
-    created_at: SystemTime,
-) -> Arc<[u8]> {
-    let record = SessionRecord {
-        vm_id: vm_id.to_owned(),
-        target: target.to_string(),
-        ws_port: port,
-        tokens: vec![TokenRecord {
-            value: token.to_owned(),
-            expires_at: None,
-        }],
-        created_at: rfc3339(created_at),
-    };
-    // A struct of strings and a number: serialising it cannot fail.
-    serde_json::to_vec(&record).unwrap_or_default().into()
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// The Session object of the API.
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionInfo {
-    pub vm_id: String,
-    pub target: Target,
-    pub ws_port: u16,
-    pub url: String,
-    pub ws_url: String,
-    pub token: String,
-    pub created_at: String,
-    /// Live viewers.
-    pub connections: usize,
-    pub bytes_to_client: u64,
-    pub bytes_to_server: u64,
-    /// One record per live viewer.
-    pub viewers: Vec<ViewerInfo>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ViewerInfo {
-    pub id: u64,
-    pub peer: String,
-    pub started_at: String,
-    pub bytes_to_client: u64,
-    pub bytes_to_server: u64,
 }
 
 /// All sessions of the daemon, by vm_id, and their durable copy.
@@ -446,9 +141,12 @@ impl SessionRegistry {
         })
     }
 
-    /// True when session ports serve the bundled console page (it takes the token from `#`).
-    pub fn bundled_page(&self) -> bool {
-        self.ctx.web.is_bundled()
+    /// How console URLs are written: the page served and the scheme of the session ports.
+    pub fn url_style(&self) -> UrlStyle {
+        UrlStyle {
+            bundled_page: self.ctx.web.is_bundled(),
+            tls: self.ctx.tls.is_some(),
+        }
     }
 
     pub fn pool(&self) -> &Arc<PortPool> {
@@ -486,27 +184,7 @@ impl SessionRegistry {
             PortChoice::Restore(p) => self.pool.allocate_port(p)?,
         };
         let port = lease.port();
-        let cancel = self.ctx.root.child_token();
-        let record = render_record(vm_id, &target, port, &token, created_at);
-        let session = Arc::new(Session {
-            vm_id: vm_id.to_owned(),
-            port,
-            token,
-            created_at,
-            target: Mutex::new(TargetSlot {
-                target,
-                record,
-                generation: 0,
-                cancel: cancel.child_token(),
-            }),
-            cancel,
-            root: self.ctx.root.clone(),
-            closed: AtomicBool::new(false),
-            viewers: Mutex::new(HashMap::new()),
-            next_viewer: AtomicU64::new(1),
-            ended_traffic: Traffic::default(),
-            listener_task: Mutex::new(None),
-        });
+        let session = Session::new(vm_id, port, token, created_at, target, &self.ctx.root);
         // On error the lease and listener drop here: the port goes back to the pool.
         let task = server::spawn_session_server(
             listener,
@@ -515,7 +193,7 @@ impl SessionRegistry {
             Arc::clone(&self.ctx),
         )
         .map_err(|source| SessionError::Listener { port, source })?;
-        *lock(&session.listener_task) = Some(task);
+        session.set_server_task(task);
         self.by_vm.insert(vm_id.to_owned(), Arc::clone(&session));
         Ok(session)
     }
@@ -639,11 +317,8 @@ impl SessionRegistry {
     /// The state file's bytes for the table as it is, sessions ordered by port (unique, and
     /// cheaper to sort than names: this runs once per write).
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut records: Vec<(u16, Arc<[u8]>)> = self
-            .by_vm
-            .iter()
-            .map(|e| (e.port, Arc::clone(&lock(&e.target).record)))
-            .collect();
+        let mut records: Vec<(u16, Arc<[u8]>)> =
+            self.by_vm.iter().map(|e| (e.port, e.record())).collect();
         records.sort_unstable_by_key(|r| r.0);
         state::render(records.iter().map(|(_, r)| &r[..]))
     }
@@ -735,6 +410,9 @@ impl SessionRegistry {
     /// Reasons for `system_health: warning` beyond the session count.
     pub fn warnings(&self) -> Vec<String> {
         let mut all = lock(&self.degraded).clone();
+        if let Some(tls) = self.ctx.tls.as_ref().and_then(|t| t.warning()) {
+            all.push(tls);
+        }
         if let Some(f) = lock(&self.write_failure).clone() {
             all.push(f);
         }
@@ -765,12 +443,5 @@ mod tests {
         ] {
             assert!(validate_vm_id(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn tokens_are_long_and_distinct() {
-        let (a, b) = (new_token(), new_token());
-        assert_eq!(a.len(), 48);
-        assert_ne!(a, b);
     }
 }

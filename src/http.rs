@@ -1,0 +1,427 @@
+//! The one accept loop and HTTP/1.1 serving function shared by the control API and every
+//! session port: TLS (with the plain-HTTP answer on a TLS port), header limits, the deadline
+//! of every phase of a connection, and the drain on close and shutdown live here once
+//! (DESIGN.md "TLS", "Access control").
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, Span, debug, warn};
+
+use crate::tls::ReloadableTls;
+
+/// Request headers must arrive within this (slowloris). hyper's header timer also runs while a
+/// kept-alive connection waits for its next request, so it is the keep-alive idle limit too.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS handshake must finish within this.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body must arrive within this (the API reads bodies under it).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response write that makes no progress for this long drops the connection (a client that
+/// stopped reading a page asset).
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request line and headers together, at most (else 431).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Header lines of one request, at most (else 431).
+pub const MAX_HEADERS: usize = 100;
+/// After an accept error (EMFILE, ...) the loop waits this long instead of spinning.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connection may take to finish the response in hand when its listener stops.
+pub const HTTP_DRAIN: Duration = Duration::from_secs(1);
+
+/// The first byte of a TLS record carrying a handshake (RFC 8446 section 5.1, content type 22).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The answer to plain HTTP on a TLS port: readable in a browser or curl, unlike an alert.
+const PLAIN_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Content-Length: 64\r\n\
+Connection: close\r\n\
+\r\n\
+This port speaks HTTPS: use https:// (or wss://), not http://.\r\n";
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The connection came over TLS (the listener's scheme is https/wss).
+    pub tls: bool,
+}
+
+/// A client's connection: plain TCP, or TLS over TCP.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(s) => s.is_write_vectored(),
+            ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A stream whose writes fail with `TimedOut` once one has made no progress for
+/// [`WRITE_STALL_TIMEOUT`]. Reads are bounded by hyper's header timer and the body deadline.
+pub struct Timed<S> {
+    io: S,
+    /// Armed while a write is pending; allocated on the first stall only.
+    stall: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<S> Timed<S> {
+    pub fn new(io: S) -> Self {
+        Timed {
+            io,
+            stall: None,
+            armed: false,
+        }
+    }
+
+    /// The stream, for the relay after an upgrade.
+    pub fn into_inner(self) -> S {
+        self.io
+    }
+
+    /// Called when a write returned `Pending`: arms the deadline, or reports it passed.
+    fn check_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let deadline = tokio::time::Instant::now() + WRITE_STALL_TIMEOUT;
+        if !self.armed {
+            self.armed = true;
+            match &mut self.stall {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let passed = match &mut self.stall {
+            Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
+            None => false,
+        };
+        if passed {
+            Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing of the response for 30 s",
+            ))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Pending => Poll::Ready(Err(ready!(this.check_stall(cx)))),
+            done => {
+                this.armed = false;
+                done
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            Poll::Pending => Poll::Ready(Err(ready!(this.check_stall(cx)))),
+            done => {
+                this.armed = false;
+                done
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => Poll::Ready(Err(ready!(this.check_stall(cx)))),
+            done => {
+                this.armed = false;
+                done
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// What hyper hands a handler after an upgrade: downcast the upgraded connection to this.
+pub type UpgradedIo = TokioIo<Timed<ClientStream>>;
+
+/// One listener: its socket, its TLS (if any), and when it stops.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub tls: Option<Arc<ReloadableTls>>,
+    /// Cancelled when this listener closes (session closed, daemon shutting down).
+    pub stop: CancellationToken,
+    /// Every connection task goes on this tracker.
+    pub tracker: TaskTracker,
+    /// The span (vm_id, port) every log line of this listener carries.
+    pub span: Span,
+}
+
+/// Accepts connections until `listener.stop` and serves each on its own tracked task with
+/// the service `make_service(peer)` builds. Accept errors (EMFILE, ...) are logged and backed
+/// off, never end the loop. Returns when stopped; the socket closes on return.
+pub async fn serve<F, S, B>(listener: Listener, make_service: F)
+where
+    F: Fn(Peer) -> S + Send + Sync + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let make_service = Arc::new(make_service);
+    let span = listener.span.clone();
+    async move {
+        loop {
+            tokio::select! {
+                _ = listener.stop.cancelled() => break,
+                accepted = listener.socket.accept() => match accepted {
+                    Ok((stream, addr)) => {
+                        let conn = serve_connection(
+                            stream,
+                            addr,
+                            listener.tls.clone(),
+                            listener.stop.clone(),
+                            Arc::clone(&make_service),
+                        );
+                        listener.tracker.spawn(conn.instrument(Span::current()));
+                    }
+                    Err(err) => {
+                        warn!(%err, "accept failed; backing off");
+                        tokio::select! {
+                            _ = listener.stop.cancelled() => break,
+                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        }
+                    }
+                },
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve_connection<F, S, B>(
+    stream: TcpStream,
+    addr: SocketAddr,
+    tls: Option<Arc<ReloadableTls>>,
+    stop: CancellationToken,
+    make_service: Arc<F>,
+) where
+    F: Fn(Peer) -> S + Send + Sync + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Keystrokes and pointer events are tiny; they must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let io = match tls {
+        None => ClientStream::Plain(stream),
+        Some(tls) => {
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept_tls(stream, &tls));
+            let done = tokio::select! {
+                done = handshake => done,
+                _ = stop.cancelled() => return,
+            };
+            match done {
+                Ok(Ok(stream)) => ClientStream::Tls(Box::new(stream)),
+                Ok(Err(err)) => {
+                    debug!(peer = %addr, %err, "tls handshake failed");
+                    return;
+                }
+                Err(_elapsed) => {
+                    debug!(peer = %addr, "tls handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+    let peer = Peer {
+        addr,
+        tls: matches!(io, ClientStream::Tls(_)),
+    };
+    let service = make_service(peer);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .serve_connection(TokioIo::new(Timed::new(io)), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                debug!(peer = %addr, %err, "http connection ended");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(HTTP_DRAIN, conn).await;
+        }
+    }
+}
+
+/// Why a TLS port's connection did not become a TLS stream.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("plain HTTP on a TLS port (answered 400)")]
+    PlainHttp,
+    #[error("closed before the handshake")]
+    Eof,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Looks at the first byte: a TLS handshake goes to rustls, anything else (plain HTTP) gets a
+/// 400 that says to use https.
+async fn accept_tls(
+    stream: TcpStream,
+    tls: &ReloadableTls,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, HandshakeError> {
+    let mut first = [0u8; 1];
+    if stream.peek(&mut first).await? == 0 {
+        return Err(HandshakeError::Eof);
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        answer_plain_http(stream).await;
+        return Err(HandshakeError::PlainHttp);
+    }
+    Ok(tls.acceptor().accept(stream).await?)
+}
+
+/// Sends [`PLAIN_ON_TLS`] and closes. What the client sent is read first, so the close is a
+/// FIN the client can read the answer before, not a reset.
+async fn answer_plain_http(mut stream: TcpStream) {
+    let mut sink = [0u8; 4096];
+    let _ = stream.try_read(&mut sink);
+    if stream.write_all(PLAIN_ON_TLS).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    // Drain briefly so unread request bytes do not turn the close into a reset.
+    let _ = tokio::time::timeout(HTTP_DRAIN, async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_answer_has_the_right_length() {
+        let text = std::str::from_utf8(PLAIN_ON_TLS).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_makes_no_progress_times_out() {
+        // A duplex pipe with a tiny buffer that nobody reads stands for a client that stopped.
+        let (a, _b) = tokio::io::duplex(16);
+        let mut timed = Timed::new(a);
+        let err = timed
+            .write_all(&[0u8; 1024])
+            .await
+            .expect_err("the write must fail");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}

@@ -1,0 +1,400 @@
+//! One console session (a leaf): identity, port, token, target with its generation, the live
+//! viewers' records, and the Session object the API shows (DESIGN.md "Control API", Session).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::relay::{CloseReason, Traffic};
+use crate::state::{SessionRecord, TokenRecord};
+use crate::target::Target;
+
+/// 192 random bits, hex: unguessable and safe in a URL without escaping.
+pub(crate) fn new_token() -> String {
+    let bytes: [u8; 24] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What an open did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Created,
+    Unchanged,
+    Retargeted,
+}
+
+/// One live viewer of a session.
+#[derive(Debug)]
+pub struct Viewer {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub started_at: SystemTime,
+    pub traffic: Traffic,
+}
+
+/// Removes its viewer from the session when the connection ends, keeping its byte counts.
+pub struct ViewerGuard {
+    session: Arc<Session>,
+    viewer: Arc<Viewer>,
+}
+
+impl ViewerGuard {
+    pub fn viewer(&self) -> &Viewer {
+        &self.viewer
+    }
+}
+
+impl Drop for ViewerGuard {
+    fn drop(&mut self) {
+        let t = &self.viewer.traffic;
+        let s = &self.session.ended_traffic;
+        s.to_client
+            .fetch_add(t.to_client.load(Ordering::Relaxed), Ordering::Relaxed);
+        s.to_server
+            .fetch_add(t.to_server.load(Ordering::Relaxed), Ordering::Relaxed);
+        lock(&self.session.viewers).remove(&self.viewer.id);
+    }
+}
+
+#[derive(Debug)]
+struct TargetSlot {
+    target: Target,
+    /// This session's record in the state file, serialised once per target: a write of 800
+    /// sessions then copies bytes instead of formatting and serialising 800 records.
+    record: Arc<[u8]>,
+    generation: u64,
+    /// Cancelled when this generation is replaced; a child of the session's token.
+    cancel: CancellationToken,
+}
+
+/// What undoes a retarget.
+pub(crate) struct RetargetUndo {
+    old_target: Target,
+    pub(crate) old_cancel: CancellationToken,
+}
+
+/// The target a connection should use, and the token that ends it when the target changes.
+pub struct TargetTicket {
+    pub target: Target,
+    pub generation: u64,
+    pub cancel: CancellationToken,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a few assignments; a panic cannot leave them torn.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One console session.
+#[derive(Debug)]
+pub struct Session {
+    pub vm_id: String,
+    pub port: u16,
+    pub token: String,
+    pub created_at: SystemTime,
+    target: Mutex<TargetSlot>,
+    cancel: CancellationToken,
+    root: CancellationToken,
+    closed: AtomicBool,
+    viewers: Mutex<HashMap<u64, Arc<Viewer>>>,
+    next_viewer: AtomicU64,
+    ended_traffic: Traffic,
+    listener_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Session {
+    /// A session on `port` whose cancellation is a child of `root` (the daemon's). Not yet
+    /// served: the registry starts its server and hands the task to [`Session::set_server_task`].
+    pub fn new(
+        vm_id: &str,
+        port: u16,
+        token: String,
+        created_at: SystemTime,
+        target: Target,
+        root: &CancellationToken,
+    ) -> Arc<Session> {
+        let cancel = root.child_token();
+        let record = render_record(vm_id, &target, port, &token, created_at);
+        Arc::new(Session {
+            vm_id: vm_id.to_owned(),
+            port,
+            token,
+            created_at,
+            target: Mutex::new(TargetSlot {
+                target,
+                record,
+                generation: 0,
+                cancel: cancel.child_token(),
+            }),
+            cancel,
+            root: root.clone(),
+            closed: AtomicBool::new(false),
+            viewers: Mutex::new(HashMap::new()),
+            next_viewer: AtomicU64::new(1),
+            ended_traffic: Traffic::default(),
+            listener_task: Mutex::new(None),
+        })
+    }
+
+    /// The task serving this session's port; [`Session::stop`] waits for it.
+    pub fn set_server_task(&self, task: JoinHandle<()>) {
+        *lock(&self.listener_task) = Some(task);
+    }
+
+    /// This session's record in the state file, serialised once per target.
+    pub fn record(&self) -> Arc<[u8]> {
+        Arc::clone(&lock(&self.target).record)
+    }
+
+    pub fn target(&self) -> Target {
+        lock(&self.target).target.clone()
+    }
+
+    /// The current target for a new connection.
+    pub fn ticket(&self) -> TargetTicket {
+        let slot = lock(&self.target);
+        TargetTicket {
+            target: slot.target.clone(),
+            generation: slot.generation,
+            cancel: slot.cancel.clone(),
+        }
+    }
+
+    /// A clone of the token that fires when the session closes or the daemon shuts down.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Fires when the session closes or the daemon shuts down.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// Constant-time: the time taken says nothing about how much of a guess was right.
+    pub fn token_matches(&self, candidate: &str) -> bool {
+        bool::from(candidate.as_bytes().ct_eq(self.token.as_bytes()))
+    }
+
+    /// The close for a connection whose ticket was cancelled: why did it end?
+    pub fn cancel_reason(&self) -> CloseReason {
+        if self.root.is_cancelled() {
+            CloseReason::Restarting
+        } else if self.closed.load(Ordering::SeqCst) {
+            CloseReason::SessionClosed
+        } else {
+            CloseReason::Retargeted
+        }
+    }
+
+    /// Registers a viewer unless `cap` viewers are live already.
+    pub fn add_viewer(self: &Arc<Self>, peer: SocketAddr, cap: usize) -> Option<ViewerGuard> {
+        let mut viewers = lock(&self.viewers);
+        if viewers.len() >= cap {
+            return None;
+        }
+        let viewer = Arc::new(Viewer {
+            id: self.next_viewer.fetch_add(1, Ordering::Relaxed),
+            peer,
+            started_at: SystemTime::now(),
+            traffic: Traffic::default(),
+        });
+        viewers.insert(viewer.id, Arc::clone(&viewer));
+        Some(ViewerGuard {
+            session: Arc::clone(self),
+            viewer,
+        })
+    }
+
+    pub fn viewer_count(&self) -> usize {
+        lock(&self.viewers).len()
+    }
+
+    /// Points new connections at `target`. The old generation's token is handed back, not
+    /// cancelled: the caller cancels it once the change is durable, or restores it.
+    pub(crate) fn retarget(&self, target: Target) -> Option<RetargetUndo> {
+        let mut slot = lock(&self.target);
+        if slot.target == target {
+            return None;
+        }
+        slot.record = render_record(
+            self.vm_id.as_str(),
+            &target,
+            self.port,
+            &self.token,
+            self.created_at,
+        );
+        let old_target = std::mem::replace(&mut slot.target, target);
+        let old_cancel = std::mem::replace(&mut slot.cancel, self.cancel.child_token());
+        slot.generation += 1;
+        Some(RetargetUndo {
+            old_target,
+            old_cancel,
+        })
+    }
+
+    /// Undoes a retarget whose write failed: connections made to the new target end, the old
+    /// ones never noticed.
+    pub(crate) fn restore_target(&self, undo: RetargetUndo) {
+        let mut slot = lock(&self.target);
+        slot.cancel.cancel();
+        slot.record = render_record(
+            self.vm_id.as_str(),
+            &undo.old_target,
+            self.port,
+            &self.token,
+            self.created_at,
+        );
+        slot.target = undo.old_target;
+        slot.cancel = undo.old_cancel;
+        slot.generation += 1;
+    }
+
+    /// Tells the listener and viewers to end, without waiting.
+    pub(crate) fn begin_stop(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.cancel.cancel();
+    }
+
+    /// Ends the session: viewers get 1001 `session closed`, and the listener is closed (its
+    /// port back in the pool) when this returns.
+    pub(crate) async fn stop(&self) {
+        self.begin_stop();
+        let task = lock(&self.listener_task).take();
+        if let Some(task) = task
+            && let Err(err) = task.await
+        {
+            warn!(vm_id = %self.vm_id, port = self.port, %err, "session listener task failed");
+        }
+    }
+
+    /// A snapshot for the API. `host` is what console URLs name.
+    pub fn info(&self, host: &str, style: UrlStyle) -> SessionInfo {
+        let viewers: Vec<ViewerInfo> = {
+            let live = lock(&self.viewers);
+            let mut v: Vec<ViewerInfo> = live
+                .values()
+                .map(|v| ViewerInfo {
+                    id: v.id,
+                    peer: v.peer.to_string(),
+                    started_at: rfc3339(v.started_at),
+                    bytes_to_client: v.traffic.to_client.load(Ordering::Relaxed),
+                    bytes_to_server: v.traffic.to_server.load(Ordering::Relaxed),
+                })
+                .collect();
+            v.sort_by_key(|v| v.id);
+            v
+        };
+        let live_to_client: u64 = viewers.iter().map(|v| v.bytes_to_client).sum();
+        let live_to_server: u64 = viewers.iter().map(|v| v.bytes_to_server).sum();
+        let authority = format!("{host}:{}", self.port);
+        let (http, ws) = if style.tls {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
+        SessionInfo {
+            vm_id: self.vm_id.clone(),
+            target: self.target(),
+            ws_port: self.port,
+            url: if style.bundled_page {
+                // The fragment never reaches a server or proxy log.
+                format!("{http}://{authority}/vnc.html#token={}", self.token)
+            } else {
+                // Another app (Debian's noVNC) reads the WebSocket path from the query.
+                format!(
+                    "{http}://{authority}/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D{}",
+                    self.token
+                )
+            },
+            ws_url: format!("{ws}://{authority}/websockify?token={}", self.token),
+            token: self.token.clone(),
+            created_at: rfc3339(self.created_at),
+            connections: viewers.len(),
+            bytes_to_client: self.ended_traffic.to_client.load(Ordering::Relaxed) + live_to_client,
+            bytes_to_server: self.ended_traffic.to_server.load(Ordering::Relaxed) + live_to_server,
+            viewers,
+        }
+    }
+}
+
+/// How console URLs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UrlStyle {
+    /// The bundled page reads the token from `#token=`; another app (`--web`) from `path`.
+    pub bundled_page: bool,
+    /// Session ports speak TLS: `https`/`wss`.
+    pub tls: bool,
+}
+
+/// One session's record, as the state file holds it.
+fn render_record(
+    vm_id: &str,
+    target: &Target,
+    port: u16,
+    token: &str,
+    created_at: SystemTime,
+) -> Arc<[u8]> {
+    let record = SessionRecord {
+        vm_id: vm_id.to_owned(),
+        target: target.to_string(),
+        ws_port: port,
+        tokens: vec![TokenRecord {
+            value: token.to_owned(),
+            expires_at: None,
+        }],
+        created_at: rfc3339(created_at),
+    };
+    // A struct of strings and a number: serialising it cannot fail.
+    serde_json::to_vec(&record).unwrap_or_default().into()
+}
+
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The Session object of the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub vm_id: String,
+    pub target: Target,
+    pub ws_port: u16,
+    pub url: String,
+    pub ws_url: String,
+    pub token: String,
+    pub created_at: String,
+    /// Live viewers.
+    pub connections: usize,
+    pub bytes_to_client: u64,
+    pub bytes_to_server: u64,
+    /// One record per live viewer.
+    pub viewers: Vec<ViewerInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ViewerInfo {
+    pub id: u64,
+    pub peer: String,
+    pub started_at: String,
+    pub bytes_to_client: u64,
+    pub bytes_to_server: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_long_and_distinct() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 48);
+        assert_ne!(a, b);
+    }
+}
