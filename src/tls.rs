@@ -82,6 +82,21 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// A PEM parse error as a person reads it (the crate's own text shows raw bytes).
+fn describe_pem_error(err: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match err {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a PEM section has no \"-----END {}-----\" line",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { .. } => "a -----BEGIN ...----- line is malformed".into(),
+        Error::Base64Decode(why) => format!("bad base64 inside a PEM section ({why})"),
+        Error::NoItemsFound => "no PEM section of the expected kind".into(),
+        other => other.to_string(),
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -101,7 +116,7 @@ pub fn load_certified_key(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| TlsError::BadCertificate {
             path: files.cert.clone(),
-            reason: err.to_string(),
+            reason: describe_pem_error(&err),
         })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate(files.cert.clone()));
@@ -109,7 +124,7 @@ pub fn load_certified_key(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
     let key_pem = read("key", &files.key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| TlsError::BadKey {
         path: files.key.clone(),
-        reason: err.to_string(),
+        reason: describe_pem_error(&err),
     })?;
     let signing_key = provider()
         .key_provider

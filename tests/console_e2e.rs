@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::rfb::{Screen, Transport, diff, match_ratio, read_screen};
+use common::tls::TestCa;
 use common::vnc::{Qemu, Scratch, TERM_BG_RGB, Xvnc, require, settled_screen};
 use common::{DaemonProcess, bounded};
 use serde_json::{Value, json};
@@ -105,20 +106,49 @@ fn term_box(s: &Screen) -> (usize, usize, usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xvnc_console_in_chromium_shows_the_screen_and_takes_keys() {
+    xvnc_console("xvnc", None).await;
+}
+
+/// The same console over https/wss: Chromium trusts the test CA's leaf by its SPKI hash only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xvnc_console_over_https_and_wss_in_chromium() {
+    let ca = TestCa::new("e2e");
+    let leaf = ca.leaf();
+    let dir = common::StateDir::new();
+    let (cert, key) = leaf.write(&dir.0, &ca);
+    let args = vec![
+        "--cert".to_string(),
+        cert.display().to_string(),
+        "--key".to_string(),
+        key.display().to_string(),
+    ];
+    xvnc_console("xvnc-tls", Some((args, leaf.spki_sha256_b64.clone()))).await;
+}
+
+/// Xvnc with an xterm behind the daemon (with `tls`: its flags and the leaf's SPKI hash); the
+/// page shows the screen and typing reaches the xterm.
+async fn xvnc_console(name: &str, tls: Option<(Vec<String>, String)>) {
     if !tools_present(&["Xvnc", "xterm", "xsetroot"]) {
         return;
     }
     bounded(Duration::from_secs(240), async {
-        let scratch = Scratch::new("e2e-xvnc");
+        let scratch = Scratch::new(&format!("e2e-{name}"));
         let desktop_name = "e2e <b>desk</b> & co";
         let mut xvnc = Xvnc::start(&scratch.0, desktop_name).await;
         let before = xvnc.draw_desktop().await;
-        let daemon = DaemonProcess::spawn(4, &[]).await;
+        let flags: Vec<&str> = tls
+            .as_ref()
+            .map(|(a, _)| a.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        let daemon = DaemonProcess::spawn(4, &flags).await;
         let session = daemon
             .open_ok("vm-xvnc", &format!("unix:{}", xvnc.socket.display()))
             .await;
         let url = session["url"].as_str().expect("url");
         assert!(url.contains("/vnc.html#token="), "{url}");
+        let scheme = if tls.is_some() { "https://" } else { "http://" };
+        assert!(url.starts_with(scheme), "{url}");
+        let spki: Vec<String> = tls.iter().map(|(_, h)| h.clone()).collect();
         let term = term_box(&before);
         assert!(term.0 < term.2, "the xterm is on the screen");
         let at = [
@@ -126,7 +156,7 @@ async fn xvnc_console_in_chromium_shows_the_screen_and_takes_keys() {
             (term.1 + term.3) as f64 / 2.0 / before.height as f64,
         ];
         let result = drive(json!({
-            "url": url, "outDir": out_dir(), "name": "xvnc",
+            "url": url, "outDir": out_dir(), "name": name, "spki": spki,
             "width": before.width, "height": before.height, "app": "bundled",
             "action": { "kind": "type", "text": "echo vncgate-e2e-ok", "at": at },
         }))
@@ -141,10 +171,10 @@ async fn xvnc_console_in_chromium_shows_the_screen_and_takes_keys() {
             result["desktopNameElements"], 0,
             "no markup from the VNC server is rendered"
         );
-        assert_matches("xvnc", "before", &before);
+        assert_matches(name, "before", &before);
 
         let after = settled_screen(&xvnc.socket, Duration::from_secs(10), |_| true).await;
-        assert_matches("xvnc", "after", &after);
+        assert_matches(name, "after", &after);
         let (changed, bbox) = diff(&before, &after);
         let bbox = bbox.expect("typing changed the screen");
         eprintln!("typing changed {changed} pixels in {bbox:?}; the xterm spans {term:?}");

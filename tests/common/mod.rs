@@ -605,4 +605,5 @@ pub fn fd_list(pid: u32) -> String {
 }
 
 pub mod rfb;
+pub mod tls;
 pub mod vnc;

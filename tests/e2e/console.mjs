@@ -1,6 +1,6 @@
 // Drives Debian's Chromium (headless) through one console session for tests/console_e2e.rs.
 // Usage: node console.mjs '<json spec>'; prints one JSON result line.
-// Spec: { url, outDir, name, width, height, app: "bundled" | "novnc", capture: true,
+// Spec: { url, outDir, name, width, height, app: "bundled" | "novnc", capture: true, spki: [],
 //         action: null | { kind: "type", text, at: [fx, fy] } | { kind: "key", key },
 //         display, api, steps: [ { op, ... } ] }  (steps: see runStep below)
 import { execFile, spawn } from 'node:child_process';
@@ -12,17 +12,20 @@ const spec = JSON.parse(process.argv[2]);
 const deadline = (ms) => Date.now() + ms;
 const result = { errors: [], external: [] };
 
+// spki: base64 SHA-256 hashes of the test CA's leaf keys: Chromium trusts exactly those
+// certificates (not every certificate, as --ignore-certificate-errors would).
+const tlsArgs = spec.spki ? [`--ignore-certificate-errors-spki-list=${spec.spki.join(',')}`] : [];
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    '--disable-background-networking', '--disable-component-update', '--disable-sync', ...tlsArgs],
 });
 try {
   const page = await browser.newPage({ viewport: { width: 1024, height: 768 } });
   const origin = new URL(spec.url).host;
   page.on('request', (r) => {
     const u = new URL(r.url());
-    if ((u.protocol === 'http:' || u.protocol === 'https:' || u.protocol === 'ws:') && u.host !== origin) {
+    if (['http:', 'https:', 'ws:', 'wss:'].includes(u.protocol) && u.host !== origin) {
       result.external.push(r.url());
     }
   });
