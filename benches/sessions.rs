@@ -1,5 +1,5 @@
 //! Concurrent proxied sessions: vncgate against the machine's ceiling (direct TCP), an ideal
-//! TCP relay, and websockify. `cargo bench --bench sessions` prints one table and writes
+//! TCP relay, and websockify; vncgate with TLS against a TLS relay (tokio-rustls, ring). `cargo bench --bench sessions` prints one table and writes
 //! `target/bench/sessions.json` (and `.md`).
 //!
 //! Every party runs in its own process: this binary re-executes itself as the fake VNC server
@@ -10,7 +10,10 @@
 //! `VNCGATE_BENCH_ROUNDS=5`, `VNCGATE_BENCH_OPENS_ONLY=1` (open figures only, with CPU per
 //! open), `VNCGATE_BENCH_NO_WEBSOCKIFY=1`, `VNCGATE_BENCH_EXE=path` (another vncgate build),
 //! `VNCGATE_BENCH_DAEMON_LOG=warn,vncgate::state=debug` (the daemon's `RUST_LOG`; that one logs
-//! each state commit's duration and batch size).
+//! each state commit's duration and batch size), `VNCGATE_BENCH_RTT_ONLY=1` (round trips only,
+//! relay against vncgate), `VNCGATE_BENCH_NO_TLS=1` (skip the TLS rows),
+//! `VNCGATE_BENCH_BASELINE_EXE=path` (another vncgate build measured beside this one in the same
+//! run, rows `vncgate-baseline`: the A/B of a change).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -30,11 +33,17 @@ const CHUNK: usize = 64 * 1024;
 const ROUNDS: usize = 3;
 const WARMUP: Duration = Duration::from_millis(500);
 const WINDOW: Duration = Duration::from_secs(2);
-const RTT_WINDOW: Duration = Duration::from_secs(3);
+/// Round trips are timed for this long: 4 s, as the independent measurement of issue 11 did.
+const RTT_WINDOW: Duration = Duration::from_secs(4);
 /// Ports for the daemon and websockify, below the ephemeral range.
 const POOL_FIRST: u16 = 21_000;
 const API_PORT: u16 = 21_990;
 const WSF_FIRST: u16 = 22_000;
+/// The TLS daemon's pool and API, and the baseline build's (A/B runs).
+const TLS_POOL_FIRST: u16 = 24_000;
+const TLS_API_PORT: u16 = 24_990;
+const BASELINE_POOL_FIRST: u16 = 25_000;
+const BASELINE_API_PORT: u16 = 25_990;
 
 fn main() {
     let role = std::env::var("VNCGATE_BENCH_ROLE").unwrap_or_default();
@@ -140,6 +149,18 @@ async fn run_fake() {
 // The ideal TCP relay: copy_bidirectional_with_sizes, 64 KiB both ways, TCP_NODELAY.
 
 async fn run_relay() {
+    // With a certificate the relay terminates TLS from the clients (the TLS relay of the
+    // TLS rows): the same rustls configuration vncgate builds, 64 KiB copies both ways.
+    let tls = std::env::var("VNCGATE_BENCH_TLS_CERT").ok().map(|cert| {
+        let key = std::env::var("VNCGATE_BENCH_TLS_KEY").expect("VNCGATE_BENCH_TLS_KEY");
+        let files = vncgate::tls::TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+        };
+        let tls = vncgate::tls::ReloadableTls::load(files, vncgate::tls::TlsVersion::V1_2)
+            .expect("relay certificate");
+        tls.acceptor().clone()
+    });
     let args: Vec<String> = std::env::args().collect();
     let targets: Vec<SocketAddr> = args[args.len() - 2..]
         .iter()
@@ -156,16 +177,25 @@ async fn run_relay() {
     exit_with_parent();
     let mut tasks = Vec::new();
     for (l, target) in listeners.into_iter().zip(targets) {
+        let tls = tls.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = l.accept().await else {
+                let Ok((client, _)) = l.accept().await else {
                     continue;
                 };
+                let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    let mut client: Box<dyn Io> = match tls {
+                        Some(acceptor) => match acceptor.accept(client).await {
+                            Ok(s) => Box::new(s),
+                            Err(_) => return,
+                        },
+                        None => Box::new(client),
+                    };
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,
@@ -186,9 +216,33 @@ async fn run_relay() {
 // ---------------------------------------------------------------------------------------------
 // Load generator: N clients, raw TCP or WebSocket (masked frames, as browsers send them).
 
+/// A client's connection: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The load generator's TLS client: trusts the bench's CA (`VNCGATE_BENCH_CA`).
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let path = std::env::var("VNCGATE_BENCH_CA").expect("VNCGATE_BENCH_CA");
+    let ca = rustls::pki_types::CertificateDer::from_pem_file(path).expect("bench CA");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 /// A connected client: the socket and what is left of a partly read frame header.
 struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
+    /// TCP connect and TLS handshake, ms (TLS only).
+    handshake_ms: Option<f64>,
     ws: bool,
     pending: BytesMut,
     /// Where this connection's frame stream is: kept across phases, since the read that brought
@@ -196,20 +250,35 @@ struct Client {
     counter: FrameCounter,
 }
 
-async fn connect_client(url: &str) -> Result<Client, String> {
-    let (ws, rest) = if let Some(r) = url.strip_prefix("ws://") {
-        (true, r)
+async fn connect_client(url: &str, tls: &tokio_rustls::TlsConnector) -> Result<Client, String> {
+    let (ws, secure, rest) = if let Some(r) = url.strip_prefix("ws://") {
+        (true, false, r)
+    } else if let Some(r) = url.strip_prefix("wss://") {
+        (true, true, r)
     } else if let Some(r) = url.strip_prefix("tcp://") {
-        (false, r)
+        (false, false, r)
+    } else if let Some(r) = url.strip_prefix("tls://") {
+        (false, true, r)
     } else {
         return Err(format!("bad url {url}"));
     };
     let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(authority))
+    let started = Instant::now();
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(authority))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut stream, handshake_ms): (Box<dyn Io>, _) = if secure {
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let s = tokio::time::timeout(Duration::from_secs(10), tls.connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        (Box::new(s), Some(started.elapsed().as_secs_f64() * 1e3))
+    } else {
+        (Box::new(tcp), None)
+    };
     let mut pending = BytesMut::new();
     if ws {
         let req = format!(
@@ -244,6 +313,7 @@ async fn connect_client(url: &str) -> Result<Client, String> {
     }
     Ok(Client {
         stream,
+        handshake_ms,
         ws,
         pending,
         counter: FrameCounter::default(),
@@ -326,6 +396,7 @@ fn masked_frame(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
 
 struct LoadState {
     clients: Vec<Client>,
+    tls: tokio_rustls::TlsConnector,
 }
 
 /// Commands arrive as JSON lines on stdin; when the parent goes, stdin ends and so does this.
@@ -334,6 +405,7 @@ async fn run_load() {
     let mut lines = tokio::io::BufReader::new(stdin);
     let mut state = LoadState {
         clients: Vec::new(),
+        tls: tls_connector(),
     };
     let mut line = String::new();
     loop {
@@ -379,10 +451,11 @@ async fn load_connect(state: &mut LoadState, cmd: &Value) -> Value {
         .into_iter()
         .map(|u| {
             let sem = sem.clone();
+            let tls = state.tls.clone();
             tokio::spawn(async move {
                 let _permit = sem.acquire().await;
                 tokio::time::timeout(Duration::from_secs(15), async {
-                    let mut c = connect_client(&u).await?;
+                    let mut c = connect_client(&u, &tls).await?;
                     let mut got = Vec::new();
                     let mut buf = std::mem::take(&mut c.pending);
                     loop {
@@ -421,7 +494,14 @@ async fn load_connect(state: &mut LoadState, cmd: &Value) -> Value {
             }
         }
     }
-    json!({"connected": state.clients.len(), "failed": failed, "error": first_error, "ms": started.elapsed().as_secs_f64() * 1e3})
+    let mut handshakes: Vec<f64> = state
+        .clients
+        .iter()
+        .filter_map(|c| c.handshake_ms)
+        .collect();
+    handshakes.sort_by(|a, b| a.total_cmp(b));
+    json!({"connected": state.clients.len(), "failed": failed, "error": first_error, "ms": started.elapsed().as_secs_f64() * 1e3,
+        "handshake_p50_ms": percentile(&handshakes, 0.5), "handshake_p99_ms": percentile(&handshakes, 0.99)})
 }
 
 async fn load_throughput(state: &mut LoadState) -> Value {
@@ -436,6 +516,8 @@ async fn load_throughput(state: &mut LoadState) -> Value {
         tasks.push(tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(256 * 1024);
             let mut sink = Vec::new();
+            // This session's payload in the window, for the fairness index.
+            let mut mine = 0u64;
             loop {
                 buf.clear();
                 tokio::select! {
@@ -444,14 +526,15 @@ async fn load_throughput(state: &mut LoadState) -> Value {
                             let frames_before = c.counter.frames;
                             let payload = if c.ws { sink.clear(); c.counter.feed(&buf, &mut sink) } else { n as u64 };
                             if counting.load(Ordering::Relaxed) {
+                                mine += payload;
                                 total.fetch_add(payload, Ordering::Relaxed);
                                 reads.fetch_add(1, Ordering::Relaxed);
                                 frames.fetch_add(c.counter.frames - frames_before, Ordering::Relaxed);
                             }
                         }
-                        _ => return c,
+                        _ => return (c, mine),
                     },
-                    _ = stop.cancelled() => return c,
+                    _ = stop.cancelled() => return (c, mine),
                 }
             }
         }));
@@ -464,14 +547,24 @@ async fn load_throughput(state: &mut LoadState) -> Value {
     let secs = start.elapsed().as_secs_f64();
     let bytes = total.load(Ordering::SeqCst);
     stop.cancel();
+    let mut per_session = Vec::new();
     for t in tasks {
-        if let Ok(c) = t.await {
+        if let Ok((c, mine)) = t.await {
             state.clients.push(c);
+            per_session.push(mine as f64);
         }
     }
+    // Jain's fairness index over the sessions: 1 when all got the same, 1/n when one got all.
+    let sum: f64 = per_session.iter().sum();
+    let squares: f64 = per_session.iter().map(|x| x * x).sum();
+    let fairness = if squares > 0.0 {
+        sum * sum / (per_session.len() as f64 * squares)
+    } else {
+        f64::NAN
+    };
     let framing_errors: u64 = state.clients.iter().map(|c| c.counter.bad).sum();
     json!({"bytes": bytes, "framing_errors": framing_errors, "secs": secs, "mb_s": bytes as f64 / secs / 1e6,
-        "reads": reads.load(Ordering::SeqCst), "frames": frames.load(Ordering::SeqCst)})
+        "reads": reads.load(Ordering::SeqCst), "frames": frames.load(Ordering::SeqCst), "fairness": fairness})
 }
 
 async fn load_rtt(state: &mut LoadState) -> Value {
@@ -542,7 +635,7 @@ async fn load_rtt(state: &mut LoadState) -> Value {
             .copied()
             .unwrap_or(f64::NAN)
     };
-    json!({"samples": all.len(), "errors": errors, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": all.last().copied().unwrap_or(f64::NAN)})
+    json!({"samples": all.len(), "errors": errors, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": all.last().copied().unwrap_or(f64::NAN)})
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -557,8 +650,13 @@ struct Role {
 
 impl Role {
     fn spawn(role: &str, args: &[String]) -> Role {
+        Self::spawn_with(role, args, &[])
+    }
+
+    fn spawn_with(role: &str, args: &[String], env: &[(&str, String)]) -> Role {
         let mut child = Command::new(std::env::current_exe().expect("exe"))
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("VNCGATE_BENCH_ROLE", role)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -685,8 +783,13 @@ fn wait_port(port: u16, limit: Duration) -> bool {
 
 /// Blocking HTTP/1.1 call to the daemon's API; returns status and JSON.
 fn api(method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    api_on(API_PORT, method, path, body)
+}
+
+/// [`api`] to the daemon whose API is on `port` (the TLS daemon, the baseline build).
+fn api_on(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
     use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", API_PORT)).expect("api");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("api");
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
@@ -786,10 +889,101 @@ fn retarget_all(n: usize, target: &str) {
     open_sessions(n, target, 16);
 }
 
-fn close_all(n: usize) {
+/// Opens (or retargets) sessions `vm-0..n` on the daemon whose API is on `port`, 16 at once.
+fn open_on(port: u16, n: usize, target: &str) {
     timed_calls(n, 16, |i| {
-        api("DELETE", &format!("/v1/sessions/vm-{i}"), None);
+        let (status, v) = api_on(
+            port,
+            "POST",
+            "/v1/sessions",
+            Some(&json!({"vm_id": format!("vm-{i}"), "target": target})),
+        );
+        assert!(status == 201 || status == 200, "open vm-{i}: {status} {v}");
     });
+}
+
+/// The `ws_url` of every session of the daemon whose API is on `port`.
+fn ws_urls_on(port: u16) -> Vec<String> {
+    let (_, list) = api_on(port, "GET", "/v1/sessions", None);
+    list["sessions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["ws_url"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn close_all(n: usize) {
+    close_on(API_PORT, n);
+}
+
+fn close_on(port: u16, n: usize) {
+    timed_calls(n, 16, |i| {
+        api_on(port, "DELETE", &format!("/v1/sessions/vm-{i}"), None);
+    });
+}
+
+/// Starts `vncgate serve` from `exe` with its API on `api_port`, its pool at `pool_first` (900
+/// ports, 800 sessions), its state in `state_dir`, and `extra` flags; waits for its API.
+fn spawn_daemon(
+    exe: &str,
+    api_port: u16,
+    pool_first: u16,
+    state_dir: &std::path::Path,
+    extra: &[String],
+) -> Child {
+    let _ = std::fs::create_dir_all(state_dir);
+    let child = Command::new(exe)
+        .args(["serve", "--api-listen", &format!("127.0.0.1:{api_port}")])
+        .args(["--listen-host", "127.0.0.1", "--max-sessions", "800"])
+        .args([
+            "--port-range",
+            &format!("{pool_first}-{}", pool_first + 899),
+        ])
+        .arg("--state-file")
+        .arg(state_dir.join("state.json"))
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("VNCGATE_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start vncgate");
+    assert!(
+        wait_port(api_port, Duration::from_secs(10)),
+        "vncgate ({exe}) did not start on {api_port}"
+    );
+    child
+}
+
+/// A CA and a certificate for 127.0.0.1 made for this run, as PEM files in `dir`: (cert, key,
+/// CA).
+fn bench_certificates(dir: &std::path::Path) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("leaf");
+    leaf.subject_alt_names.push(rcgen::SanType::IpAddress(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    ));
+    let cert = leaf.signed_by(&key, &issuer).expect("leaf cert");
+    let _ = std::fs::create_dir_all(dir);
+    let paths = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&paths.0, format!("{}{}", cert.pem(), ca_cert.pem())).expect("cert");
+    std::fs::write(&paths.1, key.serialize_pem()).expect("key");
+    std::fs::write(&paths.2, ca_cert.pem()).expect("ca");
+    let show = |p: std::path::PathBuf| p.display().to_string();
+    (show(paths.0), show(paths.1), show(paths.2))
 }
 
 /// The same atomic write the daemon does (temp, fsync, rename, fsync dir), of `bytes` bytes, in
@@ -848,6 +1042,11 @@ struct Sample {
     /// Payload per read of the load generator, and per WebSocket frame, in KiB.
     read_kib: f64,
     frame_kib: Option<f64>,
+    /// Jain's fairness index of the sessions' throughput in the window (1 = all equal).
+    fairness: f64,
+    /// TCP connect + TLS handshake of the echo phase's connections, ms (TLS rows).
+    handshake_p50_ms: Option<f64>,
+    handshake_p99_ms: Option<f64>,
 }
 
 struct Proxy {
@@ -857,6 +1056,8 @@ struct Proxy {
     pids: Vec<u32>,
     /// vncgate's sessions are retargeted between phases: (streaming target, echo target).
     retarget: Option<(String, String)>,
+    /// The API of the daemon to retarget through.
+    api_port: u16,
     children: Vec<Child>,
 }
 
@@ -873,11 +1074,13 @@ fn measure(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize) -> Sample {
     let mut s = Sample::default();
     // Echo phase first: idle memory is measured before a throughput phase has grown the heap.
     if let Some((_, echo)) = &p.retarget {
-        retarget_all(n, echo);
+        open_on(p.api_port, n, echo);
     }
     let base = rss_kib(&p.pids);
     let c = load.call(json!({"cmd": "connect", "urls": p.echo_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
+    s.handshake_p50_ms = c["handshake_p50_ms"].as_f64();
+    s.handshake_p99_ms = c["handshake_p99_ms"].as_f64();
     let connected = c["connected"].as_u64().unwrap_or(0);
     if !p.pids.is_empty() && connected > 0 {
         let rss = rss_kib(&p.pids);
@@ -891,7 +1094,7 @@ fn measure(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize) -> Sample {
     s.rtt_errors = r["errors"].as_u64().unwrap_or(0);
 
     if let Some((stream, _)) = &p.retarget {
-        retarget_all(n, stream);
+        open_on(p.api_port, n, stream);
     }
     let c = load.call(json!({"cmd": "connect", "urls": p.stream_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
@@ -909,6 +1112,7 @@ fn measure(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize) -> Sample {
     );
     load.call(json!({"cmd": "disconnect"}));
     s.mb_s = t["mb_s"].as_f64().unwrap_or(0.0);
+    s.fairness = t["fairness"].as_f64().unwrap_or(f64::NAN);
     // A load generator that lost the frame boundaries miscounts: a failure, not a figure.
     s.connect_failed += t["framing_errors"].as_u64().unwrap_or(0);
     let payload_kib = t["bytes"].as_f64().unwrap_or(0.0) / 1024.0;
@@ -977,35 +1181,56 @@ fn orchestrate() {
         .filter_map(|p| p.parse().ok())
         .collect();
     let relay_pid = relay.child.id();
-    let mut load = Role::spawn("load", &[]);
-
-    let mut daemon = Command::new(exe)
-        .args([
-            "serve",
-            "--api-listen",
-            &format!("127.0.0.1:{API_PORT}"),
-            "--listen-host",
-            "127.0.0.1",
-        ])
-        .args([
-            "--port-range",
-            &format!("{POOL_FIRST}-{}", POOL_FIRST + 899),
-            "--max-sessions",
-            "800",
-        ])
-        .arg("--state-file")
-        .arg(state_dir.join("state.json"))
-        .env(
-            "RUST_LOG",
-            std::env::var("VNCGATE_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start vncgate");
-    assert!(
-        wait_port(API_PORT, Duration::from_secs(10)),
-        "vncgate did not start"
+    let no_tls = std::env::var_os("VNCGATE_BENCH_NO_TLS").is_some();
+    let (cert, key, ca) = bench_certificates(&out_dir.join("tls"));
+    let mut load = Role::spawn_with("load", &[], &[("VNCGATE_BENCH_CA", ca.clone())]);
+    // The TLS relay: the same relay, terminating TLS from the clients.
+    let mut tls_relay = Role::spawn_with(
+        "relay",
+        &[
+            format!("127.0.0.1:{stream_port}"),
+            format!("127.0.0.1:{echo_port}"),
+        ],
+        &[
+            ("VNCGATE_BENCH_TLS_CERT", cert.clone()),
+            ("VNCGATE_BENCH_TLS_KEY", key.clone()),
+        ],
     );
+    let tls_rports: Vec<u16> = tls_relay
+        .line()
+        .split(' ')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let tls_relay_pid = tls_relay.child.id();
+
+    let mut daemon = spawn_daemon(exe, API_PORT, POOL_FIRST, &state_dir, &[]);
+    // vncgate with TLS on its session ports, and (for an A/B) another build, each its own
+    // daemon with its own pool; idle while the others are measured.
+    let mut tls_daemon = (!no_tls).then(|| {
+        let extra = [
+            "--cert".to_string(),
+            cert.clone(),
+            "--key".into(),
+            key.clone(),
+        ];
+        spawn_daemon(
+            exe,
+            TLS_API_PORT,
+            TLS_POOL_FIRST,
+            &state_dir.join("tls"),
+            &extra,
+        )
+    });
+    let baseline_exe = std::env::var("VNCGATE_BENCH_BASELINE_EXE").ok();
+    let mut baseline_daemon = baseline_exe.as_deref().map(|b| {
+        spawn_daemon(
+            b,
+            BASELINE_API_PORT,
+            BASELINE_POOL_FIRST,
+            &state_dir.join("baseline"),
+            &[],
+        )
+    });
     let daemon_pid = daemon.id();
     std::thread::sleep(Duration::from_millis(200));
     let rss0 = rss_kib(&[daemon_pid]);
@@ -1082,6 +1307,51 @@ fn orchestrate() {
             }
             continue;
         }
+        if std::env::var_os("VNCGATE_BENCH_RTT_ONLY").is_some() {
+            // Development aid: round trips only (echo target, no streaming phase), relay and
+            // vncgate alternating, each round on fresh connections.
+            retarget_all(n, &format!("127.0.0.1:{echo_port}"));
+            let (_, list) = api("GET", "/v1/sessions", None);
+            let urls: Vec<String> = list["sessions"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s["ws_url"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let relay_urls = vec![format!("tcp://127.0.0.1:{}", rports[1]); n];
+            for round in 0..rounds {
+                let mut order = [
+                    ("tcp-relay", &relay_urls, relay_pid),
+                    ("vncgate", &urls, daemon_pid),
+                ];
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+                for (name, urls, pid) in order {
+                    let c = load.call(json!({"cmd": "connect", "urls": urls}));
+                    let cpu0 = cpu_seconds(&[pid]);
+                    let r = load.call(json!({"cmd": "rtt"}));
+                    let cpu = cpu_seconds(&[pid]) - cpu0;
+                    load.call(json!({"cmd": "disconnect"}));
+                    eprintln!(
+                        "  round {round} {name:<10} connected {} rtt p50 {:.3} p90 {:.3} p99 {:.3} p999 {:.3} max {:.3} ms, {} samples, {} errors, proxy cpu {:.3} s",
+                        c["connected"],
+                        r["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                        r["p90_ms"].as_f64().unwrap_or(f64::NAN),
+                        r["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                        r["p999_ms"].as_f64().unwrap_or(f64::NAN),
+                        r["max_ms"].as_f64().unwrap_or(f64::NAN),
+                        r["samples"],
+                        r["errors"],
+                        cpu
+                    );
+                }
+            }
+            close_all(n);
+            continue;
+        }
         let (_, list) = api("GET", "/v1/sessions", None);
         let ws_urls: Vec<String> = list["sessions"]
             .as_array()
@@ -1099,6 +1369,7 @@ fn orchestrate() {
                 echo_urls: vec![format!("tcp://127.0.0.1:{echo_port}"); n],
                 pids: vec![],
                 retarget: None,
+                api_port: API_PORT,
                 children: vec![],
             },
             Proxy {
@@ -1107,6 +1378,7 @@ fn orchestrate() {
                 echo_urls: vec![format!("tcp://127.0.0.1:{}", rports[1]); n],
                 pids: vec![relay_pid],
                 retarget: None,
+                api_port: API_PORT,
                 children: vec![],
             },
             Proxy {
@@ -1118,9 +1390,49 @@ fn orchestrate() {
                     format!("127.0.0.1:{stream_port}"),
                     format!("127.0.0.1:{echo_port}"),
                 )),
+                api_port: API_PORT,
                 children: vec![],
             },
         ];
+        let targets = (
+            format!("127.0.0.1:{stream_port}"),
+            format!("127.0.0.1:{echo_port}"),
+        );
+        if let Some(tls_daemon) = &tls_daemon {
+            open_on(TLS_API_PORT, n, &targets.0);
+            let urls = ws_urls_on(TLS_API_PORT);
+            proxies.push(Proxy {
+                name: "tls-relay",
+                stream_urls: vec![format!("tls://127.0.0.1:{}", tls_rports[0]); n],
+                echo_urls: vec![format!("tls://127.0.0.1:{}", tls_rports[1]); n],
+                pids: vec![tls_relay_pid],
+                retarget: None,
+                api_port: TLS_API_PORT,
+                children: vec![],
+            });
+            proxies.push(Proxy {
+                name: "vncgate-tls",
+                stream_urls: urls.clone(),
+                echo_urls: urls,
+                pids: vec![tls_daemon.id()],
+                retarget: Some(targets.clone()),
+                api_port: TLS_API_PORT,
+                children: vec![],
+            });
+        }
+        if let Some(baseline) = &baseline_daemon {
+            open_on(BASELINE_API_PORT, n, &targets.0);
+            let urls = ws_urls_on(BASELINE_API_PORT);
+            proxies.push(Proxy {
+                name: "vncgate-baseline",
+                stream_urls: urls.clone(),
+                echo_urls: urls,
+                pids: vec![baseline.id()],
+                retarget: Some(targets.clone()),
+                api_port: BASELINE_API_PORT,
+                children: vec![],
+            });
+        }
         let mut wsf_setup = serde_json::Map::new();
         if let Some(py) = &python {
             if n <= 100 {
@@ -1168,6 +1480,7 @@ fn orchestrate() {
                     echo_urls: e_urls,
                     pids,
                     retarget: None,
+                    api_port: API_PORT,
                     children,
                 });
             }
@@ -1214,6 +1527,7 @@ fn orchestrate() {
                     .collect(),
                 pids: vec![c.id()],
                 retarget: None,
+                api_port: API_PORT,
                 children: vec![c],
             });
         }
@@ -1230,9 +1544,10 @@ fn orchestrate() {
                 let phase = Instant::now();
                 let s = measure(&mut load, fake_pid, p, n);
                 eprintln!(
-                    "  round {round} {:<24} {:>8.1} MB/s  cpu {:>6} s/GB (fake {:.3}, load {:.3}; {:.0} KiB/read, {} KiB/frame)  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
+                    "  round {round} {:<24} {:>8.1} MB/s  fair {:.3}  cpu {:>6} s/GB (fake {:.3}, load {:.3}; {:.0} KiB/read, {} KiB/frame)  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
                     p.name,
                     s.mb_s,
+                    s.fairness,
                     s.cpu_s_per_gb.map_or("-".into(), |c| format!("{c:.3}")),
                     s.fake_cpu_s_per_gb.unwrap_or(f64::NAN),
                     s.load_cpu_s_per_gb.unwrap_or(f64::NAN),
@@ -1250,13 +1565,20 @@ fn orchestrate() {
             }
         }
         let relay_rounds = per_proxy.get("tcp-relay").cloned().unwrap_or_default();
+        let tls_relay_rounds = per_proxy.get("tls-relay").cloned().unwrap_or_default();
         let mut proxies_json = serde_json::Map::new();
         for (name, samples) in &per_proxy {
+            // TLS rows are measured against the TLS relay, the rest against the TCP relay.
+            let relay_rounds = if *name == "tls-relay" || name.ends_with("-tls") {
+                &tls_relay_rounds
+            } else {
+                &relay_rounds
+            };
             let pick = |f: &dyn Fn(&Sample) -> f64| -> Vec<f64> { samples.iter().map(f).collect() };
             let ratio = |f: &dyn Fn(&Sample) -> f64| -> Vec<f64> {
                 samples
                     .iter()
-                    .zip(&relay_rounds)
+                    .zip(relay_rounds)
                     .map(|(s, r)| f(s) / f(r))
                     .collect()
             };
@@ -1267,6 +1589,7 @@ fn orchestrate() {
             let p99 = median_spread(&pick(&|s| s.rtt_p99_ms));
             let p99_ratio = median_spread(&ratio(&|s| s.rtt_p99_ms));
             let p50 = median_spread(&pick(&|s| s.rtt_p50_ms));
+            let fair = median_spread(&pick(&|s| s.fairness));
             let max = median_spread(&pick(&|s| s.rtt_max_ms));
             // The worst round: later rounds reuse heap the allocator kept, which hides the cost.
             let idle = median_spread(&pick(&|s| s.idle_rss_kib_per_session.unwrap_or(f64::NAN)));
@@ -1280,23 +1603,68 @@ fn orchestrate() {
                 "cpu_s_per_gb": cpu.0, "cpu_ratio": cpu_ratio.0, "cpu_ratio_min": cpu_ratio.1, "cpu_ratio_max": cpu_ratio.2,
                 "rtt_p50_ms": p50.0, "rtt_p99_ms": p99.0, "rtt_p99_min": p99.1, "rtt_p99_max": p99.2, "rtt_max_ms": max.0,
                 "rtt_p99_ratio": p99_ratio.0, "rtt_p99_ratio_min": p99_ratio.1, "rtt_p99_ratio_max": p99_ratio.2,
-                "idle_kib_per_session": idle.0, "failures": failed,
+                "idle_kib_per_session": idle.0, "failures": failed, "fairness": fair.0,
+                "handshake_p50_ms": median_spread(&pick(&|s| s.handshake_p50_ms.unwrap_or(f64::NAN))).0,
+                "handshake_p99_ms": median_spread(&pick(&|s| s.handshake_p99_ms.unwrap_or(f64::NAN))).0,
                 "rounds": samples,
             }));
+        }
+        // A/B of this build against the baseline build, round by round (plain rows).
+        if let (Some(new), Some(old)) =
+            (per_proxy.get("vncgate"), per_proxy.get("vncgate-baseline"))
+        {
+            let ratio = |f: &dyn Fn(&Sample) -> f64| {
+                median_spread(
+                    &new.iter()
+                        .zip(old)
+                        .map(|(a, b)| f(a) / f(b))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let mb = ratio(&|s| s.mb_s);
+            let cpu = ratio(&|s| s.cpu_s_per_gb.unwrap_or(f64::NAN));
+            let p99 = ratio(&|s| s.rtt_p99_ms);
+            row.insert(
+                "ab".into(),
+                json!({
+                    "mb_s_ratio": mb.0, "mb_s_ratio_min": mb.1, "mb_s_ratio_max": mb.2,
+                    "cpu_ratio": cpu.0, "rtt_p99_ratio": p99.0,
+                }),
+            );
+            eprintln!(
+                "  A/B vncgate / vncgate-baseline: throughput {:.3}x ({:.3}-{:.3}), CPU per GB {:.3}x, RTT p99 {:.3}x",
+                mb.0, mb.1, mb.2, cpu.0, p99.0
+            );
         }
         row.insert("proxies".into(), Value::Object(proxies_json));
         row.insert("setup".into(), Value::Object(wsf_setup));
         results.insert(format!("{n}"), Value::Object(row));
         close_all(n);
+        if tls_daemon.is_some() {
+            close_on(TLS_API_PORT, n);
+        }
+        if baseline_daemon.is_some() {
+            close_on(BASELINE_API_PORT, n);
+        }
         drop(proxies);
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    if opens_only {
+    for d in [
+        Some(&mut daemon),
+        tls_daemon.as_mut(),
+        baseline_daemon.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    if opens_only || std::env::var_os("VNCGATE_BENCH_RTT_ONLY").is_some() {
         return;
     }
     drop(fake);
     drop(relay);
+    drop(tls_relay);
     drop(load);
 
     let machine = json!({
@@ -1305,7 +1673,7 @@ fn orchestrate() {
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "mem_total": std::fs::read_to_string("/proc/meminfo").unwrap_or_default().lines().next().unwrap_or("").to_owned(),
     });
-    let doc = json!({"machine": machine, "rss_idle_daemon_kib": rss0, "rounds": rounds, "window_s": WINDOW.as_secs_f64(), "results": results, "wall_s": wall.elapsed().as_secs_f64()});
+    let doc = json!({"machine": machine, "rss_idle_daemon_kib": rss0, "rounds": rounds, "window_s": WINDOW.as_secs_f64(), "rtt_window_s": RTT_WINDOW.as_secs_f64(), "results": results, "wall_s": wall.elapsed().as_secs_f64()});
     let table = render_table(&doc);
     println!("{table}");
     std::fs::write(
@@ -1336,8 +1704,21 @@ fn render_table(doc: &Value) -> String {
         "vncgate RSS with 0 sessions: {} KiB\n\n",
         doc["rss_idle_daemon_kib"]
     ));
-    out.push_str("| N | proxy | MB/s (x relay, spread) | CPU s/GB (x relay) | RTT p50 / p99 / max ms (p99 x relay) | idle KiB/session | failures |\n");
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    if let Some(results) = doc["results"].as_object() {
+        for (n, r) in results {
+            let ab = &r["ab"];
+            if !ab.is_null() {
+                out.push_str(&format!(
+                    "A/B at N={n}: this build / baseline build: throughput {}x ({}-{}), CPU per GB {}x, RTT p99 {}x\n",
+                    f(&ab["mb_s_ratio"]), f(&ab["mb_s_ratio_min"]), f(&ab["mb_s_ratio_max"]),
+                    f(&ab["cpu_ratio"]), f(&ab["rtt_p99_ratio"])
+                ));
+            }
+        }
+        out.push('\n');
+    }
+    out.push_str("| N | proxy | MB/s (x relay, spread) | CPU s/GB (x relay) | RTT p50 / p99 / max ms (p99 x relay) | idle KiB/session | fairness | TLS handshake p50 / p99 ms | failures |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
     if let Some(results) = doc["results"].as_object() {
         let mut keys: Vec<&String> = results.keys().collect();
         keys.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
@@ -1347,19 +1728,23 @@ fn render_table(doc: &Value) -> String {
                 "direct",
                 "tcp-relay",
                 "vncgate",
+                "vncgate-baseline",
                 "websockify-per-process",
                 "websockify-one-process",
+                "tls-relay",
+                "vncgate-tls",
             ] {
                 let p = &r["proxies"][name];
                 if p.is_null() {
                     continue;
                 }
                 out.push_str(&format!(
-                    "| {n} | {name} | {} ({}x, {}-{}) | {} ({}x) | {} / {} / {} ({}x) | {} | {} |\n",
+                    "| {n} | {name} | {} ({}x, {}-{}) | {} ({}x) | {} / {} / {} ({}x) | {} | {} | {} / {} | {} |\n",
                     f(&p["mb_s"]), f(&p["mb_s_ratio"]), f(&p["mb_s_ratio_min"]), f(&p["mb_s_ratio_max"]),
                     f(&p["cpu_s_per_gb"]), f(&p["cpu_ratio"]),
                     f(&p["rtt_p50_ms"]), f(&p["rtt_p99_ms"]), f(&p["rtt_max_ms"]), f(&p["rtt_p99_ratio"]),
-                    f(&p["idle_kib_per_session"]), p["failures"]
+                    f(&p["idle_kib_per_session"]), f(&p["fairness"]),
+                    f(&p["handshake_p50_ms"]), f(&p["handshake_p99_ms"]), p["failures"]
                 ));
             }
         }

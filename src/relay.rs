@@ -19,6 +19,9 @@ use crate::ws::{self, Event, FrameReader, FrameWriter, ReadSide, WsError};
 
 /// First read from the VNC server after a quiet spell; doubles while reads fill the buffer.
 const MIN_READ: usize = 32 * 1024;
+/// A read from the VNC server shorter than this drained it (an interactive reply, not a
+/// stream): the next read waits for epoll rather than trying at once.
+const SETTLE_READ: usize = 4 * 1024;
 /// Largest read, so largest frame: a full-screen update goes out in few frames and syscalls,
 /// and a viewer that stopped reading holds at most this much here.
 const MAX_READ: usize = 256 * 1024;
@@ -305,7 +308,7 @@ where
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                read = server_rx.read_lazy(&mut buf, want, ws::HEADROOM) => match read {
+                read = server_rx.read_lazy(&mut buf, want, ws::HEADROOM, SETTLE_READ) => match read {
                     Ok(0) => return PumpEnd::ServerClosed,
                     Ok(n) => {
                         last_data.store(elapsed_ms(), Ordering::Relaxed);
