@@ -1070,9 +1070,12 @@ impl Drop for Proxy {
     }
 }
 
-fn measure(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize) -> Sample {
+/// The echo phase: idle memory per connected viewer, then round trips. Each round runs every
+/// proxy's echo phase before any streaming, so round trips are timed on a quiet machine (a
+/// streaming phase leaves the kernel's TCP memory under pressure for a while, which moved the
+/// next proxy's tail) and idle memory before a throughput phase has grown any heap.
+fn measure_echo(load: &mut Role, p: &Proxy, n: usize) -> Sample {
     let mut s = Sample::default();
-    // Echo phase first: idle memory is measured before a throughput phase has grown the heap.
     if let Some((_, echo)) = &p.retarget {
         open_on(p.api_port, n, echo);
     }
@@ -1092,7 +1095,11 @@ fn measure(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize) -> Sample {
     s.rtt_p99_ms = r["p99_ms"].as_f64().unwrap_or(f64::NAN);
     s.rtt_max_ms = r["max_ms"].as_f64().unwrap_or(f64::NAN);
     s.rtt_errors = r["errors"].as_u64().unwrap_or(0);
+    s
+}
 
+/// The streaming phase: throughput, CPU per GB, fairness; added to the echo phase's `s`.
+fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sample) -> Sample {
     if let Some((stream, _)) = &p.retarget {
         open_on(p.api_port, n, stream);
     }
@@ -1539,10 +1546,14 @@ fn orchestrate() {
             if round % 2 == 1 {
                 order.reverse();
             }
+            let mut echoed: Vec<Sample> = Vec::new();
             for &i in &order {
+                echoed.push(measure_echo(&mut load, &proxies[i], n));
+            }
+            for (&i, echo) in order.iter().zip(echoed) {
                 let p = &proxies[i];
                 let phase = Instant::now();
-                let s = measure(&mut load, fake_pid, p, n);
+                let s = measure_stream(&mut load, fake_pid, p, n, echo);
                 eprintln!(
                     "  round {round} {:<24} {:>8.1} MB/s  fair {:.3}  cpu {:>6} s/GB (fake {:.3}, load {:.3}; {:.0} KiB/read, {} KiB/frame)  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
                     p.name,

@@ -56,21 +56,22 @@ const STREAM_READ: usize = 16 * 1024;
 pub enum ReadSide {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
-    /// Any other stream (a TLS stream's read half). It is read into a stack buffer that lives
-    /// only during a poll, then appended, so waiting holds no heap buffer here either.
+    /// Any other stream (a TLS stream's read half). It is read into the thread's scratch
+    /// buffer during a poll, then appended, so waiting holds no heap buffer here either.
     Stream(Box<dyn AsyncRead + Send + Unpin>),
 }
 
-/// A first read after a quiet spell of at most this many bytes goes through the worker thread's
-/// scratch buffer and is copied into a buffer of its own size: a key press or an echo then costs
-/// no 32 KiB allocation (nor its page faults, nor zeroing a stack array), and a large first read
-/// costs one cheap copy.
-const SCRATCH_READ: usize = 32 * 1024;
+/// The first read after a quiet spell takes at most this much through the worker thread's
+/// scratch buffer, copied into a buffer of its own size: a key press or an echo then costs no
+/// 32 KiB allocation (nor its page faults). When it fills, the rest is read straight into a
+/// heap buffer, so a stream pays one 4 KiB copy per burst, not a copy of everything.
+const FIRST_READ: usize = 4 * 1024;
 
 thread_local! {
-    /// One per worker thread, made once; borrowed only inside a synchronous read.
+    /// One per worker thread, made once ([`STREAM_READ`] bytes, which covers [`FIRST_READ`]);
+    /// borrowed only inside a synchronous read or a single poll.
     static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0u8; SCRATCH_READ].into_boxed_slice());
+        std::cell::RefCell::new(vec![0u8; STREAM_READ].into_boxed_slice());
 }
 
 /// A socket whose readiness tokio tracks: TCP and unix streams.
@@ -123,14 +124,27 @@ fn read_ready<S: ReadySocket>(
     settle: usize,
 ) -> io::Result<usize> {
     let mut drained = None;
-    let fresh = buf.capacity() == 0 && want <= SCRATCH_READ;
+    let fresh = buf.capacity() == 0;
     let result = socket.with_readiness(|| {
         let n = if fresh {
-            SCRATCH.with_borrow_mut(|scratch| {
-                let n = socket.try_read_slice(&mut scratch[..want])?;
+            let first = want.min(FIRST_READ);
+            let n = SCRATCH.with_borrow_mut(|scratch| {
+                let n = socket.try_read_slice(&mut scratch[..first])?;
                 append(buf, prefix, &scratch[..n]);
                 Ok::<_, io::Error>(n)
-            })?
+            })?;
+            if n < first || want <= first {
+                n
+            } else {
+                // A full first read: more is likely waiting; read it in place.
+                buf.reserve(want - n);
+                match socket.try_read_into(buf) {
+                    Ok(more) => n + more,
+                    // Drained (readiness cleared) or failed: hand on what was read; a
+                    // failure shows again on the next read.
+                    Err(_) => n,
+                }
+            }
         } else {
             if buf.len() < prefix {
                 buf.reserve(prefix - buf.len() + want);
@@ -185,8 +199,8 @@ impl ReadSide {
 }
 
 /// One read of at most `want` (and [`STREAM_READ`]) bytes from `r`, appended to `buf` after its
-/// first `prefix` bytes. The bytes land on the stack first: the heap buffer is touched only
-/// once data is there.
+/// first `prefix` bytes. The bytes land in the thread's scratch buffer first: the heap buffer
+/// is touched only once data is there.
 async fn read_stream(
     r: &mut (dyn AsyncRead + Send + Unpin),
     buf: &mut BytesMut,
@@ -194,18 +208,13 @@ async fn read_stream(
     prefix: usize,
 ) -> io::Result<usize> {
     std::future::poll_fn(|cx| {
-        let mut stack = [0u8; STREAM_READ];
-        let mut chunk = ReadBuf::new(&mut stack[..want.clamp(1, STREAM_READ)]);
-        std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut chunk))?;
-        let got = chunk.filled();
-        if !got.is_empty() {
-            if buf.len() < prefix {
-                buf.reserve(prefix - buf.len() + got.len());
-                buf.resize(prefix, 0);
-            }
-            buf.extend_from_slice(got);
-        }
-        std::task::Poll::Ready(Ok(got.len()))
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut chunk = ReadBuf::new(&mut scratch[..want.clamp(1, STREAM_READ)]);
+            std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut chunk))?;
+            let got = chunk.filled();
+            append(buf, prefix, got);
+            std::task::Poll::Ready(Ok(got.len()))
+        })
     })
     .await
 }
