@@ -1537,6 +1537,40 @@ fn orchestrate() {
                 api_port: API_PORT,
                 children: vec![c],
             });
+            if !no_tls {
+                // websockify's --cert mode (one process, the same certificate): its handshakes
+                // beside vncgate's and the TLS relay's.
+                let port = WSF_FIRST + 1991;
+                let c = Command::new(py)
+                    .args(["-m", "websockify", "--ssl-only"])
+                    .arg(format!("--cert={cert}"))
+                    .arg(format!("--key={key}"))
+                    .args(["--token-plugin", "TokenFile", "--token-source"])
+                    .arg(&tokens)
+                    .arg(format!("127.0.0.1:{port}"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .expect("websockify --cert");
+                assert!(
+                    wait_port(port, Duration::from_secs(20)),
+                    "websockify --cert did not start"
+                );
+                proxies.push(Proxy {
+                    name: "websockify-tls",
+                    stream_urls: (0..n)
+                        .map(|i| format!("wss://127.0.0.1:{port}/?token=s{i}"))
+                        .collect(),
+                    echo_urls: (0..n)
+                        .map(|i| format!("wss://127.0.0.1:{port}/?token=e{i}"))
+                        .collect(),
+                    pids: vec![c.id()],
+                    retarget: None,
+                    api_port: API_PORT,
+                    children: vec![c],
+                });
+            }
         }
         let mut per_proxy: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         for round in 0..rounds {
@@ -1744,6 +1778,7 @@ fn render_table(doc: &Value) -> String {
                 "websockify-one-process",
                 "tls-relay",
                 "vncgate-tls",
+                "websockify-tls",
             ] {
                 let p = &r["proxies"][name];
                 if p.is_null() {

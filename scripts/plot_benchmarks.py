@@ -15,13 +15,25 @@ src = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks.json"
 dst = sys.argv[2] if len(sys.argv) > 2 else "docs/benchmarks.png"
 doc = json.load(open(src))
 sizes = sorted(doc["results"], key=int)
-proxies = ["direct", "tcp-relay", "vncgate", "websockify-per-process", "websockify-one-process"]
+proxies = [
+    "direct",
+    "tcp-relay",
+    "vncgate",
+    "websockify-per-process",
+    "websockify-one-process",
+    "tls-relay",
+    "vncgate-tls",
+    "websockify-tls",
+]
 styles = {
-    "direct": ("tab:gray", "--"),
-    "tcp-relay": ("tab:blue", "-"),
-    "vncgate": ("tab:green", "-"),
-    "websockify-per-process": ("tab:orange", ":"),
-    "websockify-one-process": ("tab:red", ":"),
+    "direct": ("tab:gray", "--", "o"),
+    "tcp-relay": ("tab:blue", "-", "o"),
+    "vncgate": ("tab:green", "-", "o"),
+    "websockify-per-process": ("tab:orange", ":", "o"),
+    "websockify-one-process": ("tab:red", ":", "o"),
+    "tls-relay": ("tab:blue", "-.", "s"),
+    "vncgate-tls": ("tab:green", "-.", "s"),
+    "websockify-tls": ("tab:red", "-.", "s"),
 }
 
 fig, (ax_tp, ax_rtt) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -36,9 +48,9 @@ for name in proxies:
         rtt.append(p["rtt_p99_ms"])
     if not xs:
         continue
-    color, line = styles[name]
-    ax_tp.plot(xs, tp, marker="o", color=color, linestyle=line, label=name)
-    ax_rtt.plot(xs, rtt, marker="o", color=color, linestyle=line, label=name)
+    color, line, marker = styles[name]
+    ax_tp.plot(xs, tp, marker=marker, color=color, linestyle=line, label=name)
+    ax_rtt.plot(xs, rtt, marker=marker, color=color, linestyle=line, label=name)
 
 for ax in (ax_tp, ax_rtt):
     ax.set_xscale("log")
@@ -51,7 +63,7 @@ ax_tp.set_title("Throughput (median of rounds)")
 ax_rtt.set_yscale("log")
 ax_rtt.set_ylabel("round trip p99, ms (log)")
 ax_rtt.set_title("8-byte messages at 20/s per session")
-ax_tp.legend(fontsize=8)
+ax_tp.legend(fontsize=7)
 fig.suptitle(f"vncgate sessions benchmark, {doc['machine']['cpus']} cores")
 fig.tight_layout()
 fig.savefig(dst, dpi=110)

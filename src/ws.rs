@@ -637,6 +637,53 @@ mod tests {
         }
     }
 
+    /// The same frames through an in-memory stream (`ReadSide::Stream`, as a TLS stream is
+    /// read), fed in pieces.
+    #[tokio::test]
+    async fn frames_over_any_async_read_stream() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = masked(OP_BINARY, false, b"ab", [1, 2, 3, 4]);
+        wire.extend(masked(OP_PING, true, b"p", [9, 9, 9, 9]));
+        wire.extend(masked(OP_CONTINUATION, true, &big, [5, 6, 7, 8]));
+        wire.extend(masked(OP_CLOSE, true, &1000u16.to_be_bytes(), [3, 3, 3, 3]));
+        for piece in [1, 5, 4096, 1 << 20] {
+            let (client, mut server) = tokio::io::duplex(8192);
+            let feed = wire.clone();
+            let writer = tokio::spawn(async move {
+                for c in feed.chunks(piece) {
+                    if server.write_all(c).await.is_err() {
+                        break;
+                    }
+                }
+                server
+            });
+            let mut reader =
+                FrameReader::new(ReadSide::Stream(Box::new(client)), Bytes::new(), 1 << 20);
+            let mut data = b"".to_vec();
+            let mut events = Vec::new();
+            loop {
+                match reader.next().await {
+                    Ok(Event::Data(d)) => data.extend_from_slice(&d),
+                    Ok(Event::Close(code)) => {
+                        events.push(format!("close {code:?}"));
+                        break;
+                    }
+                    Ok(other) => events.push(format!("{other:?}")),
+                    Err(e) => panic!("piece {piece}: {e}"),
+                }
+            }
+            drop(reader);
+            writer.abort();
+            let mut want = b"ab".to_vec();
+            want.extend_from_slice(&big);
+            assert!(data == want, "piece {piece}: payload differs");
+            assert_eq!(
+                events,
+                vec!["Ping(b\"p\")".to_string(), "close Some(1000)".into()]
+            );
+        }
+    }
+
     #[test]
     fn unmask_matches_the_byte_rule_at_every_offset_and_length() {
         let mask = [0x12, 0x34, 0x56, 0x78];
