@@ -3,6 +3,9 @@
 
 mod common;
 
+use common::close_of;
+use vncgate::relay::CloseReason;
+
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -89,7 +92,7 @@ async fn sigterm_and_restart_keep_every_session_and_its_url() {
         assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
         assert_eq!(
             close_frame(&mut ws).await,
-            (1001, "vncgate restarting".into())
+            close_of(CloseReason::Restarting)
         );
 
         daemon.restart().await;
@@ -450,10 +453,7 @@ async fn sigterm_with_800_live_connections_exits_0_within_5_s() {
         assert!(status.success(), "{status}");
         assert!(took < Duration::from_secs(5), "{took:?}");
         for c in closes {
-            assert_eq!(
-                c.await.expect("viewer"),
-                (1001, "vncgate restarting".into())
-            );
+            assert_eq!(c.await.expect("viewer"), close_of(CloseReason::Restarting));
         }
         let _ = &mut daemon;
     })

@@ -24,6 +24,12 @@ use vncgate::{Config, Daemon};
 
 pub const GREETING: &[u8] = b"RFB 003.008\n";
 
+/// The (code, reason) a viewer is sent for `reason`: the daemon's own close table, whose values
+/// `vncgate::relay`'s unit test holds against DESIGN.md.
+pub fn close_of(reason: vncgate::relay::CloseReason) -> (u16, String) {
+    (reason.code(), reason.reason().to_owned())
+}
+
 /// Runs a test body with a deadline, so no test can hang CI.
 pub async fn bounded<T>(limit: Duration, f: impl Future<Output = T>) -> T {
     match tokio::time::timeout(limit, f).await {
