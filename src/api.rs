@@ -93,12 +93,7 @@ pub async fn serve(listener: http::Listener, app: Router) {
     http::serve(listener, move |_peer| {
         let app = app.clone();
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let req = req.map(|body| {
-                axum::body::Body::new(tower_http::timeout::TimeoutBody::new(
-                    http::BODY_READ_TIMEOUT,
-                    body,
-                ))
-            });
+            let req = req.map(|body| axum::body::Body::new(http::DeadlineBody::new(body)));
             tower::ServiceExt::oneshot(app.clone(), req)
         })
     })

@@ -24,6 +24,8 @@ pub enum ClientError {
     BadApi(String),
     #[error("cannot use the CA file {path} (VNCGATE_API_CA): {reason}")]
     BadCa { path: PathBuf, reason: String },
+    #[error("cannot set up TLS for the API connection: {0}")]
+    Tls(String),
     #[error(
         "cannot reach the vncgate API at {api}: {reason} (is `vncgate serve` running? set --api or VNCGATE_API)"
     )]
@@ -43,6 +45,10 @@ pub struct ApiClient {
     base: String,
     host: String,
     port: u16,
+    /// `host:port` as given, for the `Host` header.
+    authority: String,
+    /// A path the API sits under (behind a reverse proxy), without a trailing `/`.
+    prefix: String,
     token: Option<String>,
     /// Set for an `https://` API: the roots its certificate must chain to.
     tls: Option<tokio_rustls::TlsConnector>,
@@ -101,16 +107,18 @@ impl ApiClient {
                     rustls::crypto::ring::default_provider(),
                 ))
                 .with_safe_default_protocol_versions()
-                .map_err(|_| ClientError::BadApi(base.clone()))?
+                .map_err(|e| ClientError::Tls(e.to_string()))?
                 .with_root_certificates(trust_roots(ca)?)
                 .with_no_client_auth();
                 Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
             }
             _ => return Err(ClientError::BadApi(base)),
         };
-        let Some(host) = uri.host() else {
+        let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
             return Err(ClientError::BadApi(base));
         };
+        let authority = authority.as_str().to_owned();
+        let prefix = uri.path().trim_end_matches('/').to_owned();
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -122,6 +130,8 @@ impl ApiClient {
             base,
             host,
             port,
+            authority,
+            prefix,
             token,
             tls,
         })
@@ -150,16 +160,11 @@ impl ApiClient {
         body: Option<Value>,
     ) -> Result<(StatusCode, Value), ClientError> {
         let uri = format!("{}{}", self.base, path);
-        // Origin-form on the wire, with the authority in Host.
-        let authority = self
-            .base
-            .split_once("://")
-            .map_or(self.base.as_str(), |(_, a)| a)
-            .to_owned();
+        // Origin-form on the wire (under the API's path prefix), the authority in Host.
         let mut req = Request::builder()
             .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, authority);
+            .uri(format!("{}{path}", self.prefix))
+            .header(hyper::header::HOST, &self.authority);
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -383,6 +388,31 @@ fn encode_path_segment(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_addresses() {
+        let c = ApiClient::new("https://vncgate.example:6443/console/", None, None)
+            .expect("https with a prefix");
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.authority.as_str(),
+                c.prefix.as_str()
+            ),
+            ("vncgate.example", 6443, "vncgate.example:6443", "/console")
+        );
+        let c = ApiClient::new("http://[::1]:6080", None, None).expect("IPv6");
+        assert_eq!(
+            (c.host.as_str(), c.port, c.prefix.as_str()),
+            ("::1", 6080, "")
+        );
+        let c = ApiClient::new("https://h", None, None).expect("default port");
+        assert_eq!(c.port, 443);
+        for bad in ["ftp://h:1", "h:6080", "http://", ""] {
+            assert!(ApiClient::new(bad, None, None).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn tables_align() {

@@ -93,6 +93,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+    #[error("{0}")]
+    Missing(String),
     #[error(
         "refusing --api-listen {0}: the control API has no authentication yet, so it must listen on loopback (127.0.0.1 or ::1)"
     )]

@@ -107,25 +107,43 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .init();
     let config = args.resolve().context("invalid configuration")?;
     raise_nofile_limit();
+    // Installed before the start: a SIGHUP (a certificate renewal hook) while the daemon binds
+    // its sessions must not take the default action, which ends the process.
+    let mut signals = Signals::install()?;
     let daemon = Daemon::start(config).await?;
-    run_until_stopped(&daemon).await?;
+    signals.run_until_stopped(&daemon).await;
     tracing::info!("shutting down");
     daemon.shutdown().await;
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM; SIGHUP on the way reloads certificates.
-async fn run_until_stopped(daemon: &Daemon) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => return r.context("cannot wait for SIGINT"),
-            _ = term.recv() => return Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading");
-                daemon.reload();
+/// The signals `serve` handles, each installed once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM; SIGHUP on the way reloads certificates.
+    async fn run_until_stopped(&mut self, daemon: &Daemon) {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    daemon.reload();
+                }
             }
         }
     }

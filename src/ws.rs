@@ -4,8 +4,9 @@
 //! so a large client message never has to fit in memory and fragmented messages need no
 //! reassembly (VNC is a byte stream). The writer puts a frame header in room kept in front of the
 //! payload and sends both with one write, without copying the payload. Both keep no buffer while
-//! the socket is idle. Frames go over any stream: TCP and unix sockets are read in place when
-//! readable, any other `AsyncRead` (a TLS stream) through a stack buffer, so idle costs nothing.
+//! the socket is idle. Frames go over any stream: TCP and unix sockets are read when readable,
+//! any other `AsyncRead` (a TLS stream) through the thread's scratch buffer, so idle costs
+//! nothing.
 
 use std::io;
 
@@ -123,6 +124,9 @@ fn read_ready<S: ReadySocket>(
     prefix: usize,
     settle: usize,
 ) -> io::Result<usize> {
+    // A full read must never count as draining the socket: with edge-triggered readiness the
+    // rest would wait for the peer's next send.
+    debug_assert!(settle <= want, "settle {settle} > want {want}");
     let mut drained = None;
     let fresh = buf.capacity() == 0;
     let result = socket.with_readiness(|| {
@@ -130,19 +134,24 @@ fn read_ready<S: ReadySocket>(
             let first = want.min(FIRST_READ);
             let n = SCRATCH.with_borrow_mut(|scratch| {
                 let n = socket.try_read_slice(&mut scratch[..first])?;
+                if n == first && want > first {
+                    // More is likely waiting: room for all of it, so the read below does
+                    // not reallocate (and copy) what is here.
+                    buf.reserve(prefix + want);
+                }
                 append(buf, prefix, &scratch[..n]);
                 Ok::<_, io::Error>(n)
             })?;
             if n < first || want <= first {
                 n
             } else {
-                // A full first read: more is likely waiting; read it in place.
-                buf.reserve(want - n);
                 match socket.try_read_into(buf) {
                     Ok(more) => n + more,
-                    // Drained (readiness cleared) or failed: hand on what was read; a
-                    // failure shows again on the next read.
-                    Err(_) => n,
+                    // Drained: tokio cleared the readiness; hand on what was read.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => n,
+                    // A reset: the kernel drops unread data then too, so the bytes above go
+                    // with it and the caller sees the failure now, not a clean end later.
+                    Err(e) => return Err(e),
                 }
             }
         } else {
@@ -635,6 +644,57 @@ mod tests {
                 "piece {piece}"
             );
         }
+    }
+
+    /// `read_lazy` on a unix socket: a short read clears readiness, yet data sent later is
+    /// still seen; a read that fills `FIRST_READ` with more pending takes the rest at once.
+    #[tokio::test]
+    async fn short_reads_settle_and_later_data_still_arrives() {
+        let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
+        let (r, _w) = a.into_split();
+        let mut side = ReadSide::Unix(r);
+        b.write_all(b"key").await.expect("write");
+        let mut buf = BytesMut::new();
+        let n = side
+            .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096)
+            .await
+            .expect("read");
+        assert_eq!((n, &buf[HEADROOM..]), (3, &b"key"[..]));
+        // Readiness was cleared; the next bytes come later and must wake the reader.
+        let later = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            b.write_all(b"later").await.expect("write");
+            b
+        });
+        let mut buf = BytesMut::new();
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            side.read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096),
+        )
+        .await
+        .expect("the later bytes woke the reader")
+        .expect("read");
+        assert_eq!((n, &buf[HEADROOM..]), (5, &b"later"[..]));
+        let mut b = later.await.expect("writer");
+
+        // Exactly FIRST_READ bytes and 10 KiB more already queued: one call takes all.
+        let data: Vec<u8> = (0..FIRST_READ + 10_240).map(|i| (i % 253) as u8).collect();
+        b.write_all(&data).await.expect("write");
+        let mut got = Vec::new();
+        let mut calls = 0;
+        while got.len() < data.len() {
+            // Fresh and empty, as the relay hands it after a drained read.
+            let mut buf = BytesMut::new();
+            calls += 1;
+            let n = side
+                .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096)
+                .await
+                .expect("read");
+            assert_eq!(n, buf.len() - HEADROOM);
+            got.extend_from_slice(&buf[HEADROOM..]);
+        }
+        assert!(got == data, "bytes differ");
+        assert_eq!(calls, 1, "the full first read took the rest in place");
     }
 
     /// The same frames through an in-memory stream (`ReadSide::Stream`, as a TLS stream is
