@@ -71,13 +71,13 @@ pub struct Daemon {
 
 /// Loads a listener's certificate and key, if it has them.
 fn load_tls(
-    what: &'static str,
+    (what, label): (&'static str, &'static str),
     files: &Option<TlsFiles>,
     min_version: TlsVersion,
 ) -> Result<Option<Arc<ReloadableTls>>, DaemonError> {
     files
         .clone()
-        .map(|f| ReloadableTls::load(f, min_version).map(Arc::new))
+        .map(|f| ReloadableTls::load(f, min_version).map(|t| Arc::new(t.labelled(label))))
         .transpose()
         .map_err(|source| DaemonError::Tls { what, source })
 }
@@ -89,12 +89,18 @@ impl Daemon {
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         // Certificates first: a bad pair must stop the start before anything is bound.
         let session_tls = load_tls(
-            "cannot use --cert/--key for the session ports",
+            (
+                "cannot use --cert/--key for the session ports",
+                "session ports",
+            ),
             &config.tls,
             config.tls_min_version,
         )?;
         let api_tls = load_tls(
-            "cannot use --api-cert/--api-key for the control API",
+            (
+                "cannot use --api-cert/--api-key for the control API",
+                "control API",
+            ),
             &config.api_tls,
             config.tls_min_version,
         )?;

@@ -161,6 +161,8 @@ impl ResolvesServerCert for CurrentCert {
 /// One listener's TLS: the acceptor for new handshakes and the files it reloads from.
 pub struct ReloadableTls {
     files: TlsFiles,
+    /// Which listener this is ("session ports", "control API"), for warnings.
+    label: &'static str,
     current: Arc<CurrentCert>,
     acceptor: TlsAcceptor,
     /// The last failed reload, shown in `/v1/status` warnings until a reload succeeds.
@@ -193,10 +195,17 @@ impl ReloadableTls {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ReloadableTls {
             files,
+            label: "listener",
             current,
             acceptor: TlsAcceptor::from(Arc::new(config)),
             failure: Mutex::new(None),
         })
+    }
+
+    /// Names the listener in warnings ("session ports", "control API").
+    pub fn labelled(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
     }
 
     /// Reads the files again. On success new handshakes present the new certificate (live
@@ -213,7 +222,8 @@ impl ReloadableTls {
             }
             Err(err) => {
                 *failure = Some(format!(
-                    "TLS reload failed, still serving the previous certificate: {err}"
+                    "TLS reload for the {} failed, still serving the previous certificate: {err}",
+                    self.label
                 ));
                 Err(err)
             }

@@ -496,7 +496,7 @@ async fn sighup_reloads_the_certificate_and_live_viewers_keep_relaying() {
         loop {
             let status = daemon.call("GET", "/v1/status", None).await.1;
             let warnings = status["warnings"].to_string();
-            if warnings.contains("TLS reload failed") {
+            if warnings.contains("TLS reload for the session ports failed") {
                 assert!(warnings.contains(&key), "{warnings}");
                 assert_eq!(status["system_health"], "warning");
                 break;
