@@ -1537,9 +1537,11 @@ fn orchestrate() {
                 api_port: API_PORT,
                 children: vec![c],
             });
-            if !no_tls {
+            if !no_tls && n <= 100 {
                 // websockify's --cert mode (one process, the same certificate): its handshakes
-                // beside vncgate's and the TLS relay's.
+                // beside vncgate's and the TLS relay's. Not at N=800: in this mode websockify
+                // forks a ~140 MB process per connection, and 800 of them exhaust 24 GiB (the
+                // OOM killer took the other TLS parties down with them in a trial run).
                 let port = WSF_FIRST + 1991;
                 let c = Command::new(py)
                     .args(["-m", "websockify", "--ssl-only"])

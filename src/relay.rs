@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +40,9 @@ pub enum CloseReason {
     TargetFailed(String),
     /// 1000 `VNC server closed the connection`.
     ServerClosed,
-    /// 1000 with no reason: the answer to the viewer's own close frame.
-    Normal,
+    /// The answer to the viewer's own close frame: its code echoed (1000 when it sent none),
+    /// no reason (RFC 6455 section 5.5.1).
+    ClientClosed(Option<u16>),
     /// 1001 `session closed`: deleted, cleaned up, lifetime over, or its VM stopped.
     SessionClosed,
     /// 1001 `vncgate restarting`: the daemon is shutting down.
@@ -62,6 +63,8 @@ pub enum CloseReason {
     MessageTooBig(String),
     /// 1002: the client broke RFC 6455 framing; the text says how.
     ProtocolError(String),
+    /// 1007: text that must be UTF-8 (a close reason) is not.
+    InvalidData(String),
 }
 
 impl CloseReason {
@@ -69,7 +72,8 @@ impl CloseReason {
     pub fn code(&self) -> u16 {
         match self {
             CloseReason::TargetUnreachable(_) | CloseReason::TargetFailed(_) => 1011,
-            CloseReason::ServerClosed | CloseReason::Normal => 1000,
+            CloseReason::ServerClosed => 1000,
+            CloseReason::ClientClosed(code) => code.unwrap_or(1000),
             CloseReason::SessionClosed
             | CloseReason::Restarting
             | CloseReason::IdleTimeout
@@ -79,6 +83,7 @@ impl CloseReason {
             CloseReason::TokenRevoked | CloseReason::DisconnectedByOperator => 1008,
             CloseReason::MessageTooBig(_) => 1009,
             CloseReason::ProtocolError(_) => 1002,
+            CloseReason::InvalidData(_) => 1007,
         }
     }
 
@@ -88,9 +93,10 @@ impl CloseReason {
             CloseReason::TargetUnreachable(why)
             | CloseReason::TargetFailed(why)
             | CloseReason::MessageTooBig(why)
-            | CloseReason::ProtocolError(why) => why,
+            | CloseReason::ProtocolError(why)
+            | CloseReason::InvalidData(why) => why,
             CloseReason::ServerClosed => "VNC server closed the connection",
-            CloseReason::Normal => "",
+            CloseReason::ClientClosed(_) => "",
             CloseReason::SessionClosed => "session closed",
             CloseReason::Restarting => "vncgate restarting",
             CloseReason::Retargeted => "VNC target changed",
@@ -137,7 +143,7 @@ pub struct Outcome {
 /// How the pump ended, before the close frame is chosen.
 enum PumpEnd {
     ServerClosed,
-    ClientClosed,
+    ClientClosed(Option<u16>),
     ClientGone(String),
     ClientMisbehaved(WsError),
     Cancelled,
@@ -220,12 +226,15 @@ pub async fn run_relay<W: AsyncWrite + Unpin>(
     let reason = match end {
         PumpEnd::ServerClosed => CloseReason::ServerClosed,
         PumpEnd::Cancelled => cancel_reason(),
-        PumpEnd::ClientClosed => CloseReason::Normal,
+        PumpEnd::ClientClosed(code) => CloseReason::ClientClosed(code),
         PumpEnd::IdleTimeout => CloseReason::IdleTimeout,
         PumpEnd::PingTimeout => CloseReason::KeepaliveTimeout,
         PumpEnd::ClientMisbehaved(WsError::TooBig(n)) => CloseReason::MessageTooBig(format!(
             "message too big: a frame of {n} bytes exceeds the limit"
         )),
+        PumpEnd::ClientMisbehaved(err @ WsError::InvalidUtf8(_)) => {
+            CloseReason::InvalidData(err.to_string())
+        }
         PumpEnd::ClientMisbehaved(err) => CloseReason::ProtocolError(err.to_string()),
         PumpEnd::TargetFailed(why) => CloseReason::TargetFailed(why),
         PumpEnd::ClientGone(why) => {
@@ -273,11 +282,6 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     Ok(total)
 }
 
-/// Control frames the reading side asks the writing side to send.
-enum Control {
-    Pong(Bytes),
-}
-
 /// Relays until one side ends. Owns the VNC socket halves, so returning closes them. Each
 /// direction is its own loop over its own socket half: no lock is taken per frame.
 async fn pump<C, W>(
@@ -296,8 +300,10 @@ where
     let elapsed_ms = || start.elapsed().as_millis() as u64;
     let last_pong = AtomicU64::new(0);
     let last_data = AtomicU64::new(0);
-    // Pongs are advisory: if the writer is stuck, extra ones are dropped rather than queued.
-    let (control_tx, mut control_rx) = mpsc::channel::<Control>(4);
+    // The reading side hands the writing side the latest ping's payload to answer: a burst of
+    // pings gets a pong for the most recent one (RFC 6455 5.5.3), older ones are replaced, and
+    // nothing queues while the writer is stuck.
+    let (pong_tx, mut pong_rx) = watch::channel::<Option<Bytes>>(None);
     let ClientConn { reader, writer } = client;
 
     let to_client = async {
@@ -337,8 +343,11 @@ where
                     }
                     Err(err) => return PumpEnd::TargetFailed(format!("VNC server connection failed: {err}")),
                 },
-                Some(Control::Pong(payload)) = control_rx.recv() => {
-                    if let Err(err) = writer.send(ws::OP_PONG, &payload).await {
+                Ok(()) = pong_rx.changed() => {
+                    let payload = pong_rx.borrow_and_update().clone();
+                    if let Some(payload) = payload
+                        && let Err(err) = writer.send(ws::OP_PONG, &payload).await
+                    {
                         return PumpEnd::ClientGone(err.to_string());
                     }
                 }
@@ -384,11 +393,13 @@ where
                     }
                 }
                 Ok(Event::Ping(payload)) => {
-                    let _ = control_tx.try_send(Control::Pong(payload));
+                    pong_tx.send_replace(Some(payload));
                 }
                 Ok(Event::Pong) => last_pong.store(elapsed_ms(), Ordering::Relaxed),
-                Ok(Event::Close(_)) => return PumpEnd::ClientClosed,
-                Err(err @ (WsError::TooBig(_) | WsError::Protocol(_))) => {
+                Ok(Event::Close(code)) => return PumpEnd::ClientClosed(code),
+                Err(
+                    err @ (WsError::TooBig(_) | WsError::Protocol(_) | WsError::InvalidUtf8(_)),
+                ) => {
                     return PumpEnd::ClientMisbehaved(err);
                 }
                 Err(err) => return PumpEnd::ClientGone(err.to_string()),
@@ -459,6 +470,13 @@ mod tests {
                 "disconnected by operator",
             ),
             (CloseReason::IdleTimeout, 1001, "idle timeout"),
+            (CloseReason::ClientClosed(None), 1000, ""),
+            (CloseReason::ClientClosed(Some(1001)), 1001, ""),
+            (
+                CloseReason::InvalidData("close reason is not UTF-8".into()),
+                1007,
+                "close reason is not UTF-8",
+            ),
             (CloseReason::KeepaliveTimeout, 1001, "keepalive timeout"),
             (
                 CloseReason::TargetUnreachable(

@@ -182,8 +182,25 @@ fn accept_websocket(
         None => return Err(forbidden("token missing: connect to /websockify?token=...")),
     }
     let headers = req.headers();
+    if req.version() < hyper::Version::HTTP_11 {
+        return Err(bad_request(format!(
+            "a WebSocket upgrade needs HTTP/1.1 or later, this request is {:?} (RFC 6455 4.1)",
+            req.version()
+        )));
+    }
     if req.method() != Method::GET {
         return Err(bad_request("a WebSocket upgrade must be a GET".into()));
+    }
+    for name in [
+        header::HOST,
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_VERSION,
+    ] {
+        match headers.get_all(&name).iter().count() {
+            1 => {}
+            0 => return Err(bad_request(format!("missing {name} header"))),
+            _ => return Err(bad_request(format!("duplicated {name} header"))),
+        }
     }
     let connection_upgrade = headers
         .get_all(header::CONNECTION)
@@ -207,8 +224,13 @@ fn accept_websocket(
             message: "only WebSocket version 13 is supported".into(),
         });
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return Err(bad_request("missing Sec-WebSocket-Key".into()));
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| is_websocket_key(k.as_bytes()))
+    else {
+        return Err(bad_request(
+            "malformed Sec-WebSocket-Key: expected 16 random bytes in base64 (RFC 6455 4.1)".into(),
+        ));
     };
     let protocol = choose_subprotocol(headers)?;
     let mut response = Response::new(full(""));
@@ -225,6 +247,16 @@ fn accept_websocket(
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
     Ok(response)
+}
+
+/// A `Sec-WebSocket-Key`: base64 of exactly 16 bytes, so 22 characters, the last of which
+/// carries 2 zero bits, then `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let b64 = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    key.len() == 24
+        && key[..22].iter().all(b64)
+        && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
+        && &key[22..] == b"=="
 }
 
 /// `binary` when offered; no header when nothing is offered (noVNC >= 1.2, and Chrome aborts
@@ -371,6 +403,23 @@ mod tests {
         assert_eq!(query_param(Some("tokenx=1"), "token"), None);
         assert_eq!(query_param(Some("token"), "token"), Some(""));
         assert_eq!(query_param(None, "token"), None);
+    }
+
+    #[test]
+    fn websocket_keys() {
+        for ok in ["dGhlIHNhbXBsZSBub25jZQ==", "AAAAAAAAAAAAAAAAAAAAAA=="] {
+            assert!(is_websocket_key(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZR==",
+            "dGhlIHNhbXBsZSBub25j*Q==",
+            "dGhlIHNhbXBsZSBub25jZQ==x",
+            "dGhlIHNhbXBsZSBub25jZQ=A",
+        ] {
+            assert!(!is_websocket_key(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum WsError {
     Protocol(&'static str),
     #[error("message too big: a frame of {0} bytes exceeds the limit")]
     TooBig(u64),
+    /// Text that must be UTF-8 is not (RFC 6455 section 8.1): close code 1007.
+    #[error("invalid data: {0}")]
+    InvalidUtf8(&'static str),
     #[error("connection ended")]
     Eof,
 }
@@ -475,11 +478,7 @@ impl FrameReader {
             return match head.opcode {
                 OP_PING => Ok(Some(Event::Ping(payload.freeze()))),
                 OP_PONG => Ok(Some(Event::Pong)),
-                OP_CLOSE => {
-                    let code =
-                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    Ok(Some(Event::Close(code)))
-                }
+                OP_CLOSE => parse_close(&payload).map(|code| Some(Event::Close(code))),
                 _ => Err(WsError::Protocol("unknown control opcode")),
             };
         }
@@ -516,6 +515,32 @@ impl FrameReader {
     }
 }
 
+/// Whether a close code may be sent on the wire (RFC 6455 section 7.4): the defined codes
+/// 1000-1003 and 1007-1014 (1012-1014 registered with IANA since), and 3000-4999 for
+/// libraries and applications. 1004-1006 and 1015 are reserved and never sent.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// The code of a close frame's payload: none for an empty one; a 1-byte payload or an invalid
+/// code is a protocol error (1002), a reason that is not UTF-8 is 1007 (RFC 6455 5.5.1, 7.4).
+fn parse_close(payload: &[u8]) -> Result<Option<u16>, WsError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(WsError::Protocol("close frame with a 1-byte payload")),
+        [a, b, reason @ ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            if !valid_close_code(code) {
+                return Err(WsError::Protocol("invalid close code"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(WsError::InvalidUtf8("close reason is not UTF-8"));
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy)]
 struct Header {
@@ -548,6 +573,11 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, WsError> {
         127 => {
             if buf.len() < 10 {
                 return Ok(None);
+            }
+            if buf[2] & 0x80 != 0 {
+                return Err(WsError::Protocol(
+                    "frame length with its most significant bit set",
+                ));
             }
             let mut b = [0u8; 8];
             b.copy_from_slice(&buf[2..10]);
