@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -282,6 +282,44 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     Ok(total)
 }
 
+/// The latest ping payload for the writing side to answer (RFC 6455 5.5.3): a newer ping
+/// replaces an older one not answered yet, and nothing queues while the writer is stuck. The
+/// writer polls it on every wake-up, so that costs one atomic swap and a waker check, no lock;
+/// the lock is taken only when a ping has come.
+#[derive(Default)]
+struct PongSlot {
+    latest: std::sync::Mutex<Option<Bytes>>,
+    ready: std::sync::atomic::AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl PongSlot {
+    fn offer(&self, payload: Bytes) {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(payload);
+        self.ready.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn take(&self) -> Option<Bytes> {
+        if !self.ready.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn poll_take(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Bytes> {
+        if let Some(p) = self.take() {
+            return std::task::Poll::Ready(p);
+        }
+        self.waker.register(cx.waker());
+        // A ping that came between the first look and the registration.
+        match self.take() {
+            Some(p) => std::task::Poll::Ready(p),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
 /// Relays until one side ends. Owns the VNC socket halves, so returning closes them. Each
 /// direction is its own loop over its own socket half: no lock is taken per frame.
 async fn pump<C, W>(
@@ -303,7 +341,7 @@ where
     // The reading side hands the writing side the latest ping's payload to answer: a burst of
     // pings gets a pong for the most recent one (RFC 6455 5.5.3), older ones are replaced, and
     // nothing queues while the writer is stuck.
-    let (pong_tx, mut pong_rx) = watch::channel::<Option<Bytes>>(None);
+    let pong = PongSlot::default();
     let ClientConn { reader, writer } = client;
 
     let to_client = async {
@@ -343,11 +381,8 @@ where
                     }
                     Err(err) => return PumpEnd::TargetFailed(format!("VNC server connection failed: {err}")),
                 },
-                Ok(()) = pong_rx.changed() => {
-                    let payload = pong_rx.borrow_and_update().clone();
-                    if let Some(payload) = payload
-                        && let Err(err) = writer.send(ws::OP_PONG, &payload).await
-                    {
+                payload = std::future::poll_fn(|cx| pong.poll_take(cx)) => {
+                    if let Err(err) = writer.send(ws::OP_PONG, &payload).await {
                         return PumpEnd::ClientGone(err.to_string());
                     }
                 }
@@ -393,7 +428,7 @@ where
                     }
                 }
                 Ok(Event::Ping(payload)) => {
-                    pong_tx.send_replace(Some(payload));
+                    pong.offer(payload);
                 }
                 Ok(Event::Pong) => last_pong.store(elapsed_ms(), Ordering::Relaxed),
                 Ok(Event::Close(code)) => return PumpEnd::ClientClosed(code),
