@@ -1141,6 +1141,30 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     s
 }
 
+/// websockify routing by token on `port` (`s{i}` streams, `e{i}` echoes), one process `child`.
+fn token_routed_websockify(
+    name: &'static str,
+    scheme: &str,
+    port: u16,
+    n: usize,
+    child: Child,
+) -> Proxy {
+    let urls = |kind: char| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("{scheme}://127.0.0.1:{port}/?token={kind}{i}"))
+            .collect()
+    };
+    Proxy {
+        name,
+        stream_urls: urls('s'),
+        echo_urls: urls('e'),
+        pids: vec![child.id()],
+        retarget: None,
+        api_port: API_PORT,
+        children: vec![child],
+    }
+}
+
 fn median_spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -1526,19 +1550,13 @@ fn orchestrate() {
                 "websockify-one-process".into(),
                 json!({"start_ms": started.elapsed().as_secs_f64() * 1e3}),
             );
-            proxies.push(Proxy {
-                name: "websockify-one-process",
-                stream_urls: (0..n)
-                    .map(|i| format!("ws://127.0.0.1:{port}/?token=s{i}"))
-                    .collect(),
-                echo_urls: (0..n)
-                    .map(|i| format!("ws://127.0.0.1:{port}/?token=e{i}"))
-                    .collect(),
-                pids: vec![c.id()],
-                retarget: None,
-                api_port: API_PORT,
-                children: vec![c],
-            });
+            proxies.push(token_routed_websockify(
+                "websockify-one-process",
+                "ws",
+                port,
+                n,
+                c,
+            ));
             if !no_tls && n <= 100 {
                 // websockify's --cert mode (one process, the same certificate): its handshakes
                 // beside vncgate's and the TLS relay's. Not at N=800: in this mode websockify
@@ -1561,19 +1579,7 @@ fn orchestrate() {
                     wait_port(port, Duration::from_secs(20)),
                     "websockify --cert did not start"
                 );
-                proxies.push(Proxy {
-                    name: "websockify-tls",
-                    stream_urls: (0..n)
-                        .map(|i| format!("wss://127.0.0.1:{port}/?token=s{i}"))
-                        .collect(),
-                    echo_urls: (0..n)
-                        .map(|i| format!("wss://127.0.0.1:{port}/?token=e{i}"))
-                        .collect(),
-                    pids: vec![c.id()],
-                    retarget: None,
-                    api_port: API_PORT,
-                    children: vec![c],
-                });
+                proxies.push(token_routed_websockify("websockify-tls", "wss", port, n, c));
             }
         }
         let mut per_proxy: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();

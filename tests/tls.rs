@@ -547,20 +547,16 @@ async fn tls_api_daemon(certs: &Certs) -> TlsApiDaemon {
     let api = SocketAddr::from(([127, 0, 0, 1], block.spare()));
     let range = block.range(4);
     let state = StateDir::new();
-    let args: Vec<String> = vec![
-        "--api-listen".into(),
-        api.to_string(),
-        "--listen-host".into(),
-        "127.0.0.1".into(),
-        "--port-range".into(),
-        format!("{}-{}", range.start(), range.end()),
-        "--state-file".into(),
-        state.file().display().to_string(),
-        "--api-cert".into(),
+    let (cert, key) = (
         certs.cert.display().to_string(),
-        "--api-key".into(),
         certs.key.display().to_string(),
-    ];
+    );
+    let args = DaemonProcess::args(
+        api,
+        &range,
+        &state,
+        &["--api-cert", &cert, "--api-key", &key],
+    );
     let mut daemon = TlsApiDaemon {
         child: DaemonProcess::launch(&args),
         api,

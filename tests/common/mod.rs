@@ -477,17 +477,7 @@ impl DaemonProcess {
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, block.spare()));
         let range = block.range(ports);
         let state = StateDir::new();
-        let mut args: Vec<String> = vec![
-            "--api-listen".into(),
-            api.to_string(),
-            "--listen-host".into(),
-            "127.0.0.1".into(),
-            "--port-range".into(),
-            format!("{}-{}", range.start(), range.end()),
-            "--state-file".into(),
-            state.file().display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = Self::args(api, &range, &state, extra);
         let child = Self::launch(&args);
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
@@ -502,6 +492,28 @@ impl DaemonProcess {
         };
         process.wait_healthy().await;
         process
+    }
+
+    /// `serve` flags for a daemon on loopback: API at `api`, pool `range`, state in `state`,
+    /// then `extra`.
+    pub fn args(
+        api: SocketAddr,
+        range: &RangeInclusive<u16>,
+        state: &StateDir,
+        extra: &[&str],
+    ) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--api-listen".into(),
+            api.to_string(),
+            "--listen-host".into(),
+            "127.0.0.1".into(),
+            "--port-range".into(),
+            format!("{}-{}", range.start(), range.end()),
+            "--state-file".into(),
+            state.file().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
     }
 
     /// Starts `vncgate serve ARGS` (not waiting for it).
