@@ -167,6 +167,7 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<SessionRecord>, String> {
         Some(1) => {
             let doc: StateDoc = serde_json::from_slice(bytes)
                 .map_err(|e| format!("not a schema-1 state file ({e})"))?;
+            validate(&doc.sessions)?;
             Ok(doc.sessions)
         }
         Some(n) => Err(format!(
@@ -174,6 +175,47 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<SessionRecord>, String> {
         )),
         None => Err("no \"version\" field: not a vncgate state file".into()),
     }
+}
+
+/// Shortest session token accepted from a state file (this build writes 48 hex digits).
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Refuses a table no daemon could have written (DESIGN.md "Access control", state file on
+/// load): two records for one vm_id or one port (the first one's listener would serve on,
+/// unlisted), or a token shorter than [`MIN_TOKEN_LEN`] or outside `[A-Za-z0-9_-]` (an empty
+/// token would open its console to `?token=`; `&` or `#` would break the URLs). The message
+/// names the record.
+pub fn validate(records: &[SessionRecord]) -> Result<(), String> {
+    use std::collections::HashMap;
+    let mut vm_ids: HashMap<&str, usize> = HashMap::new();
+    let mut ports: HashMap<u16, usize> = HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if let Some(first) = vm_ids.insert(r.vm_id.as_str(), i) {
+            return Err(format!(
+                "records {first} and {i} are both for vm_id {:?}",
+                r.vm_id
+            ));
+        }
+        if let Some(first) = ports.insert(r.ws_port, i) {
+            return Err(format!(
+                "records {first} and {i} ({:?}) both hold port {}",
+                r.vm_id, r.ws_port
+            ));
+        }
+        for t in &r.tokens {
+            let charset = t
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if t.value.len() < MIN_TOKEN_LEN || !charset {
+                return Err(format!(
+                    "record {i} ({:?}) has a token that is not {MIN_TOKEN_LEN} or more characters of A-Z a-z 0-9 - _",
+                    r.vm_id
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The file's bytes from records serialised one by one (compact JSON, one line).
@@ -575,7 +617,7 @@ mod tests {
                 target: "[::1]:5900".into(),
                 ws_port: 6101,
                 tokens: vec![TokenRecord {
-                    value: "t".into(),
+                    value: "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a6978".into(),
                     expires_at: None,
                 }],
                 created_at: "2026-11-26T00:00:00Z".into(),
@@ -612,6 +654,52 @@ mod tests {
         write_atomic(&path, &doc_with(1)).expect("shorter");
         assert_eq!(load(&path, false).expect("load").len(), 1);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn tables_no_daemon_writes_are_refused_naming_the_record() {
+        let good = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a6978";
+        let rec = |vm: &str, port: u16, token: &str| SessionRecord {
+            vm_id: vm.into(),
+            target: "127.0.0.1:5900".into(),
+            ws_port: port,
+            tokens: vec![TokenRecord {
+                value: token.into(),
+                expires_at: None,
+            }],
+            created_at: "2026-11-26T00:00:00Z".into(),
+        };
+        assert!(validate(&[rec("vm-1", 6100, good), rec("vm-2", 6101, good)]).is_ok());
+        let cases = [
+            (
+                vec![rec("vm-1", 6100, good), rec("vm-1", 6101, good)],
+                "vm-1",
+            ),
+            (
+                vec![rec("vm-1", 6100, good), rec("vm-2", 6100, good)],
+                "6100",
+            ),
+            (vec![rec("vm-e", 6100, "")], "vm-e"),
+            (vec![rec("vm-s", 6100, "abc")], "vm-s"),
+            (
+                vec![rec(
+                    "vm-amp",
+                    6100,
+                    "0f1e2d3c4b5a69788796a5b4c3d2e1f0&x=1#frag",
+                )],
+                "vm-amp",
+            ),
+        ];
+        for (records, names) in cases {
+            let err = validate(&records).expect_err("refused");
+            assert!(err.contains(names), "{err}");
+            let doc = serde_json::to_vec(&StateDoc {
+                version: 1,
+                sessions: records,
+            })
+            .expect("json");
+            assert!(parse(&doc).is_err(), "parse refuses it too");
+        }
     }
 
     fn doc_with(n: usize) -> StateDoc {

@@ -650,3 +650,43 @@ async fn opens_whose_clients_hang_up_or_never_read_leave_the_file_equal_to_the_t
     })
     .await;
 }
+
+/// A hand-edited state file no daemon could have written (two records for one vm_id, an empty
+/// token) stops the start with a message naming the record, and is kept aside untouched.
+#[test]
+fn a_state_file_with_duplicate_vm_ids_or_bad_tokens_is_refused_naming_the_record() {
+    let good = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a6978";
+    let record = |vm: &str, port: u16, token: &str| {
+        serde_json::json!({"vm_id": vm, "target": "127.0.0.1:5900", "ws_port": port,
+            "tokens": [{"value": token, "expires_at": null}], "created_at": "2026-11-01T10:00:00Z"})
+    };
+    let cases = [
+        (
+            vec![record("vm-a", 10, good), record("vm-a", 11, good)],
+            "vm-a",
+        ),
+        (vec![record("vm-b", 10, "")], "vm-b"),
+    ];
+    for (sessions, names) in cases {
+        let state = common::StateDir::new();
+        let doc = serde_json::json!({"version": 1, "sessions": sessions});
+        std::fs::write(state.file(), doc.to_string()).expect("write state file");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+            .args(["serve", "--api-listen", "127.0.0.1:0", "--state-file"])
+            .arg(state.file())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run vncgate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(names),
+            "the message names {names}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(state.file()).expect("still there"),
+            doc.to_string(),
+            "the file is left as it was"
+        );
+    }
+}
