@@ -623,15 +623,31 @@ mod tests {
 
     /// A reader over a socket pair fed with `wire`, in pieces of `piece` bytes.
     async fn read_all(wire: Vec<u8>, piece: usize) -> (Vec<u8>, Vec<String>) {
-        let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
+        let (a, b) = tokio::net::UnixStream::pair().expect("pair");
         let (r, _w) = a.into_split();
+        read_events(ReadSide::Unix(r), b, wire, piece).await
+    }
+
+    /// Feeds `wire` into `peer` in pieces of `piece` bytes while a reader over `side` reads;
+    /// returns the payload and the other events, an error ending them.
+    async fn read_events<P>(
+        side: ReadSide,
+        mut peer: P,
+        wire: Vec<u8>,
+        piece: usize,
+    ) -> (Vec<u8>, Vec<String>)
+    where
+        P: AsyncWrite + Unpin + Send + 'static,
+    {
         let writer = tokio::spawn(async move {
             for c in wire.chunks(piece) {
-                b.write_all(c).await.expect("write");
+                if peer.write_all(c).await.is_err() {
+                    break;
+                }
             }
-            b
+            peer
         });
-        let mut reader = FrameReader::new(ReadSide::Unix(r), Bytes::new(), 1 << 20);
+        let mut reader = FrameReader::new(side, Bytes::new(), 1 << 20);
         let mut data = Vec::new();
         let mut events = Vec::new();
         loop {
@@ -737,39 +753,21 @@ mod tests {
         wire.extend(masked(OP_CONTINUATION, true, &big, [5, 6, 7, 8]));
         wire.extend(masked(OP_CLOSE, true, &1000u16.to_be_bytes(), [3, 3, 3, 3]));
         for piece in [1, 5, 4096, 1 << 20] {
-            let (client, mut server) = tokio::io::duplex(8192);
-            let feed = wire.clone();
-            let writer = tokio::spawn(async move {
-                for c in feed.chunks(piece) {
-                    if server.write_all(c).await.is_err() {
-                        break;
-                    }
-                }
-                server
-            });
-            let mut reader =
-                FrameReader::new(ReadSide::Stream(Box::new(client)), Bytes::new(), 1 << 20);
-            let mut data = b"".to_vec();
-            let mut events = Vec::new();
-            loop {
-                match reader.next().await {
-                    Ok(Event::Data(d)) => data.extend_from_slice(&d),
-                    Ok(Event::Close(code)) => {
-                        events.push(format!("close {code:?}"));
-                        break;
-                    }
-                    Ok(other) => events.push(format!("{other:?}")),
-                    Err(e) => panic!("piece {piece}: {e}"),
-                }
-            }
-            drop(reader);
-            writer.abort();
+            let (client, server) = tokio::io::duplex(8192);
+            let (data, events) = read_events(
+                ReadSide::Stream(Box::new(client)),
+                server,
+                wire.clone(),
+                piece,
+            )
+            .await;
             let mut want = b"ab".to_vec();
             want.extend_from_slice(&big);
             assert!(data == want, "piece {piece}: payload differs");
             assert_eq!(
                 events,
-                vec!["Ping(b\"p\")".to_string(), "close Some(1000)".into()]
+                vec!["Ping(b\"p\")".to_string(), "close Some(1000)".into()],
+                "piece {piece}"
             );
         }
     }
