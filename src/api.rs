@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{ApiGuard, ConnectionLimits};
 use crate::http;
 use crate::pool::PoolStats;
 use crate::registry::{Opened, SessionError, SessionRegistry};
@@ -84,20 +85,85 @@ pub struct ApiState {
     pub started: Instant,
     /// The API's own TLS (`--api-cert`), whose failed reloads show in status warnings.
     pub api_tls: Option<Arc<crate::tls::ReloadableTls>>,
+    /// Bearer token, Origin and Host checks.
+    pub guard: Arc<ApiGuard>,
+    /// The session ports' connection caps, for status.
+    pub limits: Arc<ConnectionLimits>,
 }
 
 /// Serves the API on `listener` until its `stop`: the one accept loop of [`crate::http`], each
 /// connection a task on the listener's tracker, request bodies read within
-/// [`http::BODY_READ_TIMEOUT`].
-pub async fn serve(listener: http::Listener, app: Router) {
-    http::serve(listener, move |_peer| {
+/// [`http::BODY_READ_TIMEOUT`]. Every request passes `guard` first (Host, Origin, bearer
+/// token), so unknown routes are refused like known ones: no route enumeration.
+pub async fn serve(listener: http::Listener, app: Router, guard: Arc<ApiGuard>) {
+    http::serve(listener, move |_conn| {
         let app = app.clone();
+        let guard = Arc::clone(&guard);
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let req = req.map(|body| axum::body::Body::new(http::DeadlineBody::new(body)));
-            tower::ServiceExt::oneshot(app.clone(), req)
+            let app = app.clone();
+            let guard = Arc::clone(&guard);
+            async move {
+                let origin = req.headers().get(header::ORIGIN).cloned();
+                let preflight = req.method() == axum::http::Method::OPTIONS
+                    && req
+                        .headers()
+                        .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+                if let Err(refusal) = guard.check(req.uri().path(), preflight, req.headers()) {
+                    return Ok(refused(refusal));
+                }
+                // Past the guard, an Origin is one of --api-allowed-origins: answer CORS.
+                if preflight {
+                    return Ok(with_cors(preflight_response(), origin));
+                }
+                let req = req.map(|body| axum::body::Body::new(http::DeadlineBody::new(body)));
+                tower::ServiceExt::oneshot(app, req)
+                    .await
+                    .map(|r| with_cors(r, origin))
+            }
         })
     })
     .await
+}
+
+fn refused(refusal: crate::access::ApiRefusal) -> Response {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+    let mut response = ApiError::new(status, refusal.code, refusal.message).into_response();
+    if let Some(v) = refusal.authenticate {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(v),
+        );
+    }
+    response
+}
+
+/// The answer to a CORS preflight from an allowed origin.
+fn preflight_response() -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        header::HeaderValue::from_static("GET, POST, DELETE"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        header::HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        header::HeaderValue::from_static("600"),
+    );
+    r
+}
+
+/// Lets an allowed browser origin read the answer (the guard refused every other origin).
+fn with_cors(mut response: Response, origin: Option<header::HeaderValue>) -> Response {
+    if let Some(origin) = origin {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    }
+    response
 }
 
 /// The API's routes; a plain function so tests can drive it without a socket.
@@ -107,6 +173,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/sessions/{vm_id}",
             get(get_session).delete(close_session),
+        )
+        .route(
+            "/v1/sessions/{vm_id}/token",
+            axum::routing::post(rotate_token),
         )
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
@@ -260,6 +330,39 @@ async fn close_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The body of `POST /v1/sessions/{vm_id}/token`; an empty body is `{"disconnect": false}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    #[serde(default)]
+    disconnect: bool,
+}
+
+async fn rotate_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let vm_id = vm_id_from(path)?;
+    let body = body.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}")))?;
+    let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|err| {
+            ApiError::invalid(format!(
+                "{err}; expected {{\"disconnect\": true}} or {{\"disconnect\": false}} (or no body)"
+            ))
+        })?
+    };
+    let session = state
+        .registry
+        .run_to_end(|r| async move { r.rotate_token(&vm_id, request.disconnect).await })
+        .await?;
+    let info = session.info(&url_host(&state, &headers), state.registry.url_style());
+    Ok(Json(info).into_response())
+}
+
 /// `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -273,6 +376,20 @@ pub struct Status {
     pub version: String,
     /// The durable state file and the cost of its writes.
     pub state: StateStatus,
+    /// Client connections of the session ports and what the abuse limits refused.
+    pub connections: ConnectionStatus,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    /// Client connections open now (pending and upgraded).
+    pub open: usize,
+    /// Closed at accept since start: `--max-connections` reached.
+    pub refused_max_connections: u64,
+    /// Closed at accept since start: `--max-pending-per-ip` reached.
+    pub refused_max_pending: u64,
+    /// Requests answered 429 since start (`--auth-fail-limit`).
+    pub rate_limited: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -316,6 +433,10 @@ async fn status(State(state): State<ApiState>) -> Json<Status> {
     if let Some(w) = state.api_tls.as_ref().and_then(|t| t.warning()) {
         warnings.push(w);
     }
+    if let Some(w) = state.guard.warning() {
+        warnings.push(w);
+    }
+    let (refused_max_connections, refused_max_pending) = state.limits.refused();
     // 80% of the cap: time to act before opens start failing.
     if active_sessions * 5 >= state.max_sessions * 4 {
         warnings.push(format!(
@@ -337,6 +458,12 @@ async fn status(State(state): State<ApiState>) -> Json<Status> {
         warnings,
         uptime_s: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").into(),
+        connections: ConnectionStatus {
+            open: state.limits.open(),
+            refused_max_connections,
+            refused_max_pending,
+            rate_limited: state.registry.rate_limited(),
+        },
         state: {
             use std::sync::atomic::Ordering::Relaxed;
             let c = state.registry.commit_stats();

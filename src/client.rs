@@ -238,6 +238,21 @@ impl ApiClient {
             })
     }
 
+    /// `vncgate rotate`: a new token (the old one stops admitting new connections); with
+    /// `disconnect`, live viewers are closed with 1008 `token revoked`. Prints the new url.
+    pub async fn rotate(&self, vm_id: &str, disconnect: bool) -> Result<String, ClientError> {
+        let path = format!("/v1/sessions/{}/token", encode_path_segment(vm_id));
+        let body = serde_json::json!({ "disconnect": disconnect });
+        let (status, session) = self.call(Method::POST, &path, Some(body)).await?;
+        session["url"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| ClientError::BadAnswer {
+                status: status.as_u16(),
+                body: session.to_string(),
+            })
+    }
+
     /// `vncgate close`.
     pub async fn close(&self, vm_id: &str) -> Result<String, ClientError> {
         let path = format!("/v1/sessions/{}", encode_path_segment(vm_id));

@@ -12,13 +12,26 @@ use clap::Args;
 use serde::Deserialize;
 use tracing::warn;
 
+use crate::access::{self, Origin};
 use crate::tls::{TlsFiles, TlsVersion};
+
+mod values;
+use values::{
+    default_listen_host, invalid, parse_count, parse_ip, parse_socket_addr,
+    warn_if_ephemeral_overlap,
+};
+pub use values::{parse_duration, parse_port_range, parse_public_host};
 
 /// Default cap on sessions: enough for a large host, and what the pool can serve twice over.
 pub const DEFAULT_MAX_SESSIONS: usize = 800;
 /// Under the 60 s idle timeout of common reverse proxies, with room for two missed pongs.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_MAX_CONNECTIONS_PER_SESSION: usize = 8;
+/// Failed token checks per client address per minute before 429 (`--auth-fail-limit`).
+pub const DEFAULT_AUTH_FAIL_LIMIT: u32 = 20;
+/// Connections not yet upgraded per client address (`--max-pending-per-ip`): a browser
+/// opens about six per host; 64 leaves room for a whole office behind one NAT.
+pub const DEFAULT_MAX_PENDING_PER_IP: usize = 64;
 
 /// Everything the daemon needs, already validated. Tests build it directly.
 #[derive(Debug, Clone)]
@@ -51,6 +64,27 @@ pub struct Config {
     pub api_tls: Option<TlsFiles>,
     /// `--tls-min-version`.
     pub tls_min_version: TlsVersion,
+    /// `--api-token-file`: the API's bearer token (its first line).
+    pub api_token_file: Option<PathBuf>,
+    /// `--allowed-origins`: browser origins besides a port's own that may open consoles.
+    pub allowed_origins: Vec<Origin>,
+    /// `--trusted-proxies`: peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `--token-ttl`: tokens admit new connections this long after issue.
+    pub token_ttl: Option<Duration>,
+    /// `--auth-fail-limit`: failed token checks per client per minute before 429; 0 is off.
+    pub auth_fail_limit: u32,
+    /// `--max-pending-per-ip`.
+    pub max_pending_per_ip: usize,
+    /// `--max-connections`; `None`: from the open-files limit at start.
+    pub max_connections: Option<usize>,
+    /// `--api-allowed-origins`: browser origins that may call the API.
+    pub api_allowed_origins: Vec<Origin>,
+    /// `--api-hosts`: `Host` names the API answers to besides IP literals, `localhost` and
+    /// `--public-host`.
+    pub api_hosts: Vec<String>,
+    /// `--frame-ancestors`: CSP source list of who may frame the console page.
+    pub frame_ancestors: String,
 }
 
 impl Default for Config {
@@ -70,6 +104,16 @@ impl Default for Config {
             tls: None,
             api_tls: None,
             tls_min_version: TlsVersion::V1_2,
+            api_token_file: None,
+            allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+            token_ttl: None,
+            auth_fail_limit: DEFAULT_AUTH_FAIL_LIMIT,
+            max_pending_per_ip: DEFAULT_MAX_PENDING_PER_IP,
+            max_connections: None,
+            api_allowed_origins: Vec::new(),
+            api_hosts: Vec::new(),
+            frame_ancestors: "'self'".into(),
         }
     }
 }
@@ -96,7 +140,7 @@ pub enum ConfigError {
     #[error("{0}")]
     Missing(String),
     #[error(
-        "refusing --api-listen {0}: the control API has no authentication yet, so it must listen on loopback (127.0.0.1 or ::1)"
+        "refusing --api-listen {0} without --api-token-file: a control API reachable from other hosts needs a bearer token (put a long random token in a file readable only by vncgate and pass --api-token-file FILE), or listen on loopback (127.0.0.1 or ::1)"
     )]
     NonLoopbackApi(SocketAddr),
 }
@@ -155,6 +199,37 @@ pub struct ServeArgs {
     /// Oldest TLS version accepted: 1.2 or 1.3 [default: 1.2]
     #[arg(long, env = "VNCGATE_TLS_MIN_VERSION")]
     pub tls_min_version: Option<String>,
+    /// The API's bearer token file (`--api-token-file`, a global flag shared with the client
+    /// commands); filled in by the CLI.
+    #[arg(skip)]
+    pub api_token_file: Option<PathBuf>,
+    /// Browser origins besides a port's own that may open consoles, comma-separated, e.g. https://platform.example
+    #[arg(long, env = "VNCGATE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// Proxies whose X-Forwarded-* headers are believed, comma-separated CIDRs [default: none]
+    #[arg(long, env = "VNCGATE_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+    /// Session tokens admit new connections this long after issue, e.g. 8h [default: off]
+    #[arg(long, env = "VNCGATE_TOKEN_TTL")]
+    pub token_ttl: Option<String>,
+    /// Failed token checks per client address per minute before 429; 0 is off [default: 20]
+    #[arg(long, env = "VNCGATE_AUTH_FAIL_LIMIT")]
+    pub auth_fail_limit: Option<String>,
+    /// Connections not yet upgraded per client address, across all ports [default: 64]
+    #[arg(long, env = "VNCGATE_MAX_PENDING_PER_IP")]
+    pub max_pending_per_ip: Option<String>,
+    /// Client connections of the daemon; past it new ones are closed at accept [default: (open-files limit - pool size - 256) / 2]
+    #[arg(long, env = "VNCGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
+    /// Browser origins allowed to call the API, comma-separated [default: none]
+    #[arg(long, env = "VNCGATE_API_ALLOWED_ORIGINS")]
+    pub api_allowed_origins: Option<String>,
+    /// Extra Host names the API answers to (DNS-rebinding guard), comma-separated
+    #[arg(long, env = "VNCGATE_API_HOSTS")]
+    pub api_hosts: Option<String>,
+    /// CSP frame-ancestors of the console page, e.g. "'self' https://platform.example" [default: 'self']
+    #[arg(long, env = "VNCGATE_FRAME_ANCESTORS")]
+    pub frame_ancestors: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -190,6 +265,26 @@ struct FileConfig {
     api_key: Option<PathBuf>,
     #[serde(alias = "tls_min_version")]
     tls_min_version: Option<String>,
+    #[serde(alias = "api_token_file")]
+    api_token_file: Option<PathBuf>,
+    #[serde(alias = "allowed_origins")]
+    allowed_origins: Option<String>,
+    #[serde(alias = "trusted_proxies")]
+    trusted_proxies: Option<String>,
+    #[serde(alias = "token_ttl")]
+    token_ttl: Option<String>,
+    #[serde(alias = "auth_fail_limit")]
+    auth_fail_limit: Option<toml::Value>,
+    #[serde(alias = "max_pending_per_ip")]
+    max_pending_per_ip: Option<toml::Value>,
+    #[serde(alias = "max_connections")]
+    max_connections: Option<toml::Value>,
+    #[serde(alias = "api_allowed_origins")]
+    api_allowed_origins: Option<String>,
+    #[serde(alias = "api_hosts")]
+    api_hosts: Option<String>,
+    #[serde(alias = "frame_ancestors")]
+    frame_ancestors: Option<String>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -213,7 +308,8 @@ impl ServeArgs {
         if let Some(v) = pick(&self.api_listen, file.api_listen) {
             config.api_listen = parse_socket_addr("--api-listen", &v)?;
         }
-        if !config.api_listen.ip().is_loopback() {
+        config.api_token_file = self.api_token_file.clone().or(file.api_token_file);
+        if !config.api_listen.ip().is_loopback() && config.api_token_file.is_none() {
             return Err(ConfigError::NonLoopbackApi(config.api_listen));
         }
         config.listen_host = match pick(&self.listen_host, file.listen_host) {
@@ -285,6 +381,58 @@ impl ServeArgs {
                 .parse()
                 .map_err(|reason: String| invalid("--tls-min-version", &v, reason))?;
         }
+        if let Some(v) = pick(&self.allowed_origins, file.allowed_origins) {
+            config.allowed_origins = access::parse_origins(&v)
+                .map_err(|e| invalid("--allowed-origins", &v, e.to_string()))?;
+        }
+        if let Some(v) = pick(&self.trusted_proxies, file.trusted_proxies) {
+            config.trusted_proxies =
+                access::parse_cidrs(&v).map_err(|e| invalid("--trusted-proxies", &v, e))?;
+        }
+        if let Some(v) = pick(&self.token_ttl, file.token_ttl) {
+            config.token_ttl = parse_duration("--token-ttl", &v)?;
+        }
+        if let Some(v) = pick(&self.auth_fail_limit, file.auth_fail_limit.map(value_text)) {
+            config.auth_fail_limit = v.trim().parse().map_err(|_| {
+                invalid(
+                    "--auth-fail-limit",
+                    &v,
+                    "expected a whole number (0 turns the limit off)",
+                )
+            })?;
+        }
+        if let Some(v) = pick(
+            &self.max_pending_per_ip,
+            file.max_pending_per_ip.map(value_text),
+        ) {
+            config.max_pending_per_ip = parse_count("--max-pending-per-ip", &v)?;
+        }
+        if let Some(v) = pick(&self.max_connections, file.max_connections.map(value_text)) {
+            config.max_connections = Some(parse_count("--max-connections", &v)?);
+        }
+        if let Some(v) = pick(&self.api_allowed_origins, file.api_allowed_origins) {
+            config.api_allowed_origins = access::parse_origins(&v)
+                .map_err(|e| invalid("--api-allowed-origins", &v, e.to_string()))?;
+        }
+        if let Some(v) = pick(&self.api_hosts, file.api_hosts) {
+            config.api_hosts = v
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    parse_public_host(h)
+                        .map(|h| h.to_ascii_lowercase())
+                        .map_err(|_| {
+                            invalid("--api-hosts", h, "expected host names, comma-separated")
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = pick(&self.frame_ancestors, file.frame_ancestors) {
+            crate::web::content_security_policy(&v)
+                .map_err(|e| invalid("--frame-ancestors", &v, e))?;
+            config.frame_ancestors = v.trim().to_owned();
+        }
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)
     }
@@ -328,221 +476,5 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        value: value.to_owned(),
-        reason: reason.into(),
-    }
-}
-
-fn parse_socket_addr(key: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse().map_err(|_| {
-        invalid(
-            key,
-            v,
-            "expected IP:PORT, e.g. 127.0.0.1:6080 or [::1]:6080",
-        )
-    })
-}
-
-fn parse_ip(key: &'static str, v: &str) -> Result<IpAddr, ConfigError> {
-    v.trim_matches(|c| c == '[' || c == ']')
-        .parse()
-        .map_err(|_| invalid(key, v, "expected an IP address, e.g. :: or 127.0.0.1"))
-}
-
-/// `::` when this host can bind an IPv6 socket, else `0.0.0.0`.
-fn default_listen_host() -> IpAddr {
-    let v6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-    match std::net::TcpListener::bind((v6, 0)) {
-        Ok(_) => v6,
-        Err(err) => {
-            warn!(%err, "IPv6 is unavailable; session ports listen on 0.0.0.0");
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-        }
-    }
-}
-
-/// A host name or IP literal; it ends up inside URLs, so nothing else is accepted.
-pub fn parse_public_host(v: &str) -> Result<String, ConfigError> {
-    let bare = v.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(IpAddr::V6(ip)) = bare.parse::<IpAddr>() {
-        return Ok(format!("[{ip}]"));
-    }
-    let ok = !v.is_empty()
-        && v.len() <= 253
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-    if ok {
-        Ok(v.to_owned())
-    } else {
-        Err(invalid(
-            "--public-host",
-            v,
-            "expected a host name or IP address without port or scheme",
-        ))
-    }
-}
-
-/// `FIRST-LAST`, both in 1-65535, FIRST <= LAST.
-pub fn parse_port_range(v: &str) -> Result<RangeInclusive<u16>, ConfigError> {
-    let key = "--port-range";
-    let (a, b) = v
-        .split_once('-')
-        .ok_or_else(|| invalid(key, v, "expected FIRST-LAST, e.g. 6100-6999"))?;
-    let port = |s: &str| match s.trim().parse::<u16>() {
-        Ok(p) if p >= 1 => Ok(p),
-        _ => Err(invalid(key, v, "ports must be numbers from 1 to 65535")),
-    };
-    let (first, last) = (port(a)?, port(b)?);
-    if first > last {
-        return Err(invalid(key, v, "FIRST must not exceed LAST"));
-    }
-    Ok(first..=last)
-}
-
-fn parse_count(key: &'static str, v: &str) -> Result<usize, ConfigError> {
-    match v.trim().parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(invalid(key, v, "expected a whole number of at least 1")),
-    }
-}
-
-/// A duration such as `20s`, `5m` or `1h30m`; `off` or `0` mean none.
-pub fn parse_duration(key: &'static str, v: &str) -> Result<Option<Duration>, ConfigError> {
-    let t = v.trim();
-    if t == "off" || t == "0" {
-        return Ok(None);
-    }
-    match humantime::parse_duration(t) {
-        Ok(d) if d.is_zero() => Ok(None),
-        Ok(d) => Ok(Some(d)),
-        Err(err) => Err(invalid(
-            key,
-            v,
-            format!("{err}; expected e.g. 20s, 5m or off"),
-        )),
-    }
-}
-
-/// The kernel hands ports of its ephemeral range to outgoing sockets at random; a pool inside it
-/// will find ports taken.
-fn warn_if_ephemeral_overlap(range: &RangeInclusive<u16>) {
-    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
-        return;
-    };
-    let mut it = text
-        .split_whitespace()
-        .filter_map(|s| s.parse::<u16>().ok());
-    if let (Some(lo), Some(hi)) = (it.next(), it.next())
-        && *range.start() <= hi
-        && lo <= *range.end()
-    {
-        warn!(
-            port_range = ?range,
-            ephemeral = %format!("{lo}-{hi}"),
-            "--port-range overlaps the kernel's ephemeral port range; outgoing connections may take pool ports"
-        );
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn port_ranges() {
-        let cases: &[(&str, Option<(u16, u16)>)] = &[
-            ("6100-6999", Some((6100, 6999))),
-            ("1-1", Some((1, 1))),
-            ("7000-6000", None),
-            ("0-10", None),
-            ("10-70000", None),
-            ("6100", None),
-            ("a-b", None),
-        ];
-        for (input, want) in cases {
-            let got = parse_port_range(input).ok().map(|r| (*r.start(), *r.end()));
-            assert_eq!(got, *want, "{input}");
-        }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(
-            parse_duration("k", "20s").ok(),
-            Some(Some(Duration::from_secs(20)))
-        );
-        assert_eq!(parse_duration("k", "off").ok(), Some(None));
-        assert!(parse_duration("k", "soon").is_err());
-    }
-
-    #[test]
-    fn max_sessions_defaults_and_clamps() {
-        let args = ServeArgs {
-            port_range: Some("7000-7009".into()),
-            ..Default::default()
-        };
-        assert_eq!(args.resolve().map(|c| c.max_sessions).ok(), Some(10));
-        let args = ServeArgs {
-            port_range: Some("7000-7009".into()),
-            max_sessions: Some("50".into()),
-            ..Default::default()
-        };
-        assert_eq!(args.resolve().map(|c| c.max_sessions).ok(), Some(10));
-        assert_eq!(
-            ServeArgs::default().resolve().map(|c| c.max_sessions).ok(),
-            Some(800)
-        );
-    }
-
-    #[test]
-    fn non_loopback_api_is_refused() {
-        let args = ServeArgs {
-            api_listen: Some("0.0.0.0:6080".into()),
-            ..Default::default()
-        };
-        assert!(matches!(
-            args.resolve(),
-            Err(ConfigError::NonLoopbackApi(_))
-        ));
-    }
-
-    #[test]
-    fn public_hosts() {
-        assert_eq!(parse_public_host("::1").ok().as_deref(), Some("[::1]"));
-        assert_eq!(
-            parse_public_host("vnc.example.com").ok().as_deref(),
-            Some("vnc.example.com")
-        );
-        assert!(parse_public_host("evil.com/x").is_err());
-        assert!(parse_public_host("a:80").is_err());
-    }
-
-    #[test]
-    fn file_values_fill_in_below_flags() {
-        let dir = std::env::temp_dir().join(format!("vncgate-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok();
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "port-range = \"7000-7099\"\nmax_sessions = 20\n").ok();
-        let args = ServeArgs {
-            config: Some(path.clone()),
-            max_sessions: Some("30".into()),
-            ..Default::default()
-        };
-        let c = args.resolve().ok();
-        assert_eq!(c.as_ref().map(|c| c.port_range.clone()), Some(7000..=7099));
-        assert_eq!(c.map(|c| c.max_sessions), Some(30));
-        std::fs::write(&path, "bogus = 1\n").ok();
-        assert!(matches!(
-            ServeArgs {
-                config: Some(path),
-                ..Default::default()
-            }
-            .resolve(),
-            Err(ConfigError::ParseFile { .. })
-        ));
-        std::fs::remove_dir_all(&dir).ok();
-    }
-}
+mod tests;

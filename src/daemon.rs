@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access::{self, AccessPolicy, ApiGuard, ConnectionLimits, FailLimiter, TokenFileError};
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::http;
@@ -32,6 +33,10 @@ pub enum DaemonError {
         what: &'static str,
         source: TlsError,
     },
+    #[error(transparent)]
+    ApiToken(#[from] TokenFileError),
+    #[error("--frame-ancestors: {0}")]
+    FrameAncestors(String),
     #[error("cannot write the restored session table: {0}")]
     FirstWrite(CommitError),
     #[error(
@@ -66,6 +71,9 @@ pub struct Daemon {
     tracker: TaskTracker,
     /// Session ports' and the API's TLS, reloaded by [`Daemon::reload`].
     tls: Vec<Arc<ReloadableTls>>,
+    /// The API's bearer token (and Host/Origin checks), reloaded by [`Daemon::reload`].
+    api_guard: Arc<ApiGuard>,
+    limits: Arc<ConnectionLimits>,
     _lock: StateLock,
 }
 
@@ -104,6 +112,18 @@ impl Daemon {
             &config.api_tls,
             config.tls_min_version,
         )?;
+        let api_guard = Arc::new(ApiGuard::new(
+            config.api_token_file.clone(),
+            config.api_allowed_origins.clone(),
+            config.api_hosts.iter().cloned().chain(
+                config
+                    .public_host
+                    .iter()
+                    .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_owned()),
+            ),
+        )?);
+        let csp = crate::web::content_security_policy(&config.frame_ancestors)
+            .map_err(DaemonError::FrameAncestors)?;
         let lock = state::acquire_lock(&config.state_file)?;
         state::remove_stale_temps(&config.state_file);
         let records = state::load(&config.state_file, config.start_empty)?;
@@ -114,6 +134,11 @@ impl Daemon {
             config.max_sessions,
             config.listen_host,
         );
+        let max_connections = config.max_connections.unwrap_or_else(|| {
+            let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+            access::default_max_connections(nofile, config.port_range.len())
+        });
+        let limits = ConnectionLimits::new(max_connections, config.max_pending_per_ip);
         let ctx = Arc::new(ServerContext {
             relay: RelaySettings {
                 ping_interval: config.ping_interval,
@@ -127,6 +152,14 @@ impl Daemon {
             tls: session_tls.clone(),
             tracker: tracker.clone(),
             root: root.clone(),
+            access: Arc::new(AccessPolicy {
+                allowed_origins: config.allowed_origins.clone(),
+                trusted_proxies: config.trusted_proxies.clone(),
+                failures: FailLimiter::new(config.auth_fail_limit),
+            }),
+            limits: Arc::clone(&limits),
+            token_ttl: config.token_ttl,
+            csp,
         });
         let registry = SessionRegistry::new(pool, ctx, config.state_file.clone());
         let stored = records.len();
@@ -151,6 +184,8 @@ impl Daemon {
             max_sessions: config.max_sessions,
             started: Instant::now(),
             api_tls: api_tls.clone(),
+            guard: Arc::clone(&api_guard),
+            limits: Arc::clone(&limits),
         });
         tracker.spawn(api::serve(
             http::Listener {
@@ -159,8 +194,11 @@ impl Daemon {
                 stop: root.clone(),
                 tracker: tracker.clone(),
                 span: tracing::info_span!("api"),
+                // The API is outside the client caps: operators must reach it under attack.
+                admission: None,
             },
             app,
+            Arc::clone(&api_guard),
         ));
         if config.public_host.is_none() && api_addr.ip().is_loopback() {
             warn!(
@@ -172,6 +210,8 @@ impl Daemon {
             listen_host = %config.listen_host,
             port_range = %format!("{}-{}", config.port_range.start(), config.port_range.end()),
             max_sessions = config.max_sessions,
+            max_connections,
+            api_auth = api_guard.requires_token(),
             "vncgate serving"
         );
         Ok(Daemon {
@@ -180,14 +220,21 @@ impl Daemon {
             root,
             tracker,
             tls: session_tls.into_iter().chain(api_tls).collect(),
+            api_guard,
+            limits,
             _lock: lock,
         })
     }
 
-    /// `SIGHUP`: re-reads every certificate and key. New handshakes use a pair that loads;
-    /// a pair that fails keeps the old one, is logged, and shows in `/v1/status` warnings
-    /// until a reload succeeds. Live connections are never touched.
+    /// `SIGHUP`: re-reads every certificate and key, and `--api-token-file`. New handshakes
+    /// (and API requests) use what loads; what fails keeps the old one, is logged, and shows
+    /// in `/v1/status` warnings until a reload succeeds. Live connections are never touched.
     pub fn reload(&self) {
+        match self.api_guard.reload() {
+            Ok(true) => info!("API token reloaded"),
+            Ok(false) => {}
+            Err(err) => warn!(%err, "API token reload failed; still using the previous token"),
+        }
         for tls in &self.tls {
             let files = tls.files();
             match tls.reload() {
@@ -203,6 +250,11 @@ impl Daemon {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The client connection caps (open connections, refusals at accept).
+    pub fn limits(&self) -> &Arc<ConnectionLimits> {
+        &self.limits
     }
 
     pub fn registry(&self) -> &Arc<SessionRegistry> {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, warn};
 
+use crate::access::{AccessPolicy, ConnectionLimits, ConnectionSlot};
 use crate::tls::ReloadableTls;
 
 /// Request headers must arrive within this (slowloris). hyper's header timer also runs while a
@@ -316,14 +317,34 @@ pub struct Listener {
     pub tracker: TaskTracker,
     /// The span (vm_id, port) every log line of this listener carries.
     pub span: Span,
+    /// The connection caps a client port applies at accept; `None` for the API, which is
+    /// outside them.
+    pub admission: Option<Admission>,
+}
+
+/// What decides, at accept, whether a client connection may be served at all.
+#[derive(Clone)]
+pub struct Admission {
+    pub limits: Arc<ConnectionLimits>,
+    /// Trusted proxies are exempt from the per-address pending cap.
+    pub policy: Arc<AccessPolicy>,
+}
+
+/// A served connection: who it is, and its place under the caps (session ports; the viewer
+/// keeps a clone after the upgrade).
+#[derive(Clone)]
+pub struct Conn {
+    pub peer: Peer,
+    pub slot: Option<Arc<ConnectionSlot>>,
 }
 
 /// Accepts connections until `listener.stop` and serves each on its own tracked task with
-/// the service `make_service(peer)` builds. Accept errors (EMFILE, ...) are logged and backed
-/// off, never end the loop. Returns when stopped; the socket closes on return.
+/// the service `make_service(conn)` builds. A connection over the listener's caps is closed
+/// at once. Accept errors (EMFILE, ...) are logged and backed off, never end the loop.
+/// Returns when stopped; the socket closes on return.
 pub async fn serve<F, S, B>(listener: Listener, make_service: F)
 where
-    F: Fn(Peer) -> S + Send + Sync + 'static,
+    F: Fn(Conn) -> S + Send + Sync + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -339,9 +360,22 @@ where
                 _ = listener.stop.cancelled() => break,
                 accepted = listener.socket.accept() => match accepted {
                     Ok((stream, addr)) => {
+                        let slot = match &listener.admission {
+                            None => None,
+                            Some(a) => {
+                                let exempt = a.policy.is_trusted_proxy(addr.ip());
+                                match a.limits.admit(addr.ip(), exempt) {
+                                    Ok(slot) => Some(Arc::new(slot)),
+                                    // Closed at accept: no task, no buffer, counted and
+                                    // logged by the limits.
+                                    Err(_) => continue,
+                                }
+                            }
+                        };
                         let conn = serve_connection(
                             stream,
                             addr,
+                            slot,
                             listener.tls.clone(),
                             listener.stop.clone(),
                             Arc::clone(&make_service),
@@ -366,11 +400,12 @@ where
 async fn serve_connection<F, S, B>(
     stream: TcpStream,
     addr: SocketAddr,
+    slot: Option<Arc<ConnectionSlot>>,
     tls: Option<Arc<ReloadableTls>>,
     stop: CancellationToken,
     make_service: Arc<F>,
 ) where
-    F: Fn(Peer) -> S + Send + Sync + 'static,
+    F: Fn(Conn) -> S + Send + Sync + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -405,7 +440,7 @@ async fn serve_connection<F, S, B>(
         addr,
         tls: matches!(io, ClientStream::Tls(_)),
     };
-    let service = make_service(peer);
+    let service = make_service(Conn { peer, slot });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)

@@ -19,6 +19,7 @@
 //! - [`client`]: the CLI's client of the control API.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod client;
 pub mod config;

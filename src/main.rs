@@ -25,6 +25,10 @@ struct Cli {
         default_value = "http://127.0.0.1:6080"
     )]
     api: String,
+    /// File whose first line is the API bearer token: for `serve`, the token the API requires;
+    /// for client commands, the token they send (else VNCGATE_API_TOKEN)
+    #[arg(long, global = true, env = "VNCGATE_API_TOKEN_FILE")]
+    api_token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +60,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Issue a new token for a VM's console (the old link stops working); prints the new url
+    Rotate {
+        vm_id: String,
+        /// Also close the live viewers (1008 "token revoked")
+        #[arg(long)]
+        disconnect: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,15 +86,24 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = || {
-        ApiClient::new(
+    let client = || -> anyhow::Result<ApiClient> {
+        let token = match &cli.api_token_file {
+            Some(path) => Some(vncgate::access::read_token_file(path)?),
+            None => std::env::var("VNCGATE_API_TOKEN").ok(),
+        };
+        Ok(ApiClient::new(
             &cli.api,
-            std::env::var("VNCGATE_API_TOKEN").ok(),
+            token,
             std::env::var_os("VNCGATE_API_CA").map(Into::into),
-        )
+        )?)
     };
     let output = match &cli.command {
-        Command::Serve(args) => return serve(args).await,
+        Command::Serve(args) => {
+            let mut args = args.clone();
+            args.api_token_file = cli.api_token_file.clone();
+            return serve(&args).await;
+        }
+        Command::Rotate { vm_id, disconnect } => client()?.rotate(vm_id, *disconnect).await?,
         Command::Open {
             vm_id,
             target,

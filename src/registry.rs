@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::pool::{PoolError, PortPool};
 use crate::server::{self, ServerContext};
-use crate::session::{Session, UrlStyle, lock, new_token, rfc3339};
+use crate::session::{Session, SessionToken, UrlStyle, lock, rfc3339};
 use crate::state::{self, CommitError, CommitStats, Committer, SessionRecord};
 use crate::target::{Target, TargetError};
 
@@ -175,7 +175,7 @@ impl SessionRegistry {
         &self,
         vm_id: &str,
         target: Target,
-        token: String,
+        token: SessionToken,
         created_at: SystemTime,
         port: PortChoice,
     ) -> Result<Arc<Session>, SessionError> {
@@ -210,23 +210,43 @@ impl SessionRegistry {
         let _guard = self.lock_vm(vm_id).await;
         if let Some(session) = self.get(vm_id) {
             // Any earlier change of this VM finished (and was written) before we got the lock.
-            let Some(undo) = session.retarget(target.clone()) else {
+            // An expired token is renewed by the open (the platform asks for a working URL).
+            let old_token = session
+                .token()
+                .is_expired()
+                .then(|| session.replace_token(SessionToken::issue(self.ctx.token_ttl)));
+            let retarget = session.retarget(target.clone());
+            if retarget.is_none() && old_token.is_none() {
                 return Ok((session, Opened::Unchanged));
-            };
+            }
+            let retargeted = retarget.is_some();
             // Whoever comes first takes it: the writer to undo, or we to finish.
-            let undo = Arc::new(Mutex::new(Some(undo)));
+            let undo = Arc::new(Mutex::new(Some((retarget, old_token))));
             let (back, on_fail) = (Arc::clone(&session), Arc::clone(&undo));
             let rollback = Box::new(move || {
-                if let Some(u) = lock(&on_fail).take() {
-                    back.restore_target(u);
+                if let Some((retarget, old_token)) = lock(&on_fail).take() {
+                    if let Some(u) = retarget {
+                        back.restore_target(u);
+                    }
+                    if let Some(t) = old_token {
+                        back.replace_token(t);
+                    }
                 }
             });
             if let Err(err) = self.committer.commit(rollback).await {
                 return Err(SessionError::Coordination(err));
             }
             // Only now, with the new target on disk, do old viewers go.
-            if let Some(u) = lock(&undo).take() {
+            if let Some((Some(u), _)) = lock(&undo).take() {
                 u.old_cancel.cancel();
+            }
+            if !retargeted {
+                info!(
+                    vm_id,
+                    port = session.port,
+                    "expired token renewed by an open"
+                );
+                return Ok((session, Opened::Unchanged));
             }
             info!(vm_id, port = session.port, %target, "session retargeted");
             return Ok((session, Opened::Retargeted));
@@ -234,7 +254,7 @@ impl SessionRegistry {
         let session = self.start_session(
             vm_id,
             target.clone(),
-            new_token(),
+            SessionToken::issue(self.ctx.token_ttl),
             SystemTime::now(),
             PortChoice::Any,
         )?;
@@ -250,6 +270,42 @@ impl SessionRegistry {
         }
         info!(vm_id, port = session.port, %target, "session opened");
         Ok((session, Opened::Created))
+    }
+
+    /// Issues `vm_id` a new token (`POST /v1/sessions/{vm_id}/token`): the old one stops
+    /// admitting new connections at once; with `disconnect`, live viewers are closed with 1008
+    /// `token revoked` once the new token is on disk. A failed write keeps the old token.
+    pub async fn rotate_token(
+        &self,
+        vm_id: &str,
+        disconnect: bool,
+    ) -> Result<Arc<Session>, SessionError> {
+        let _guard = self.lock_vm(vm_id).await;
+        let session = self
+            .get(vm_id)
+            .ok_or_else(|| SessionError::NotFound(vm_id.to_owned()))?;
+        let old = session.replace_token(SessionToken::issue(self.ctx.token_ttl));
+        let undo = Arc::new(Mutex::new(Some(old)));
+        let (back, on_fail) = (Arc::clone(&session), Arc::clone(&undo));
+        let rollback = Box::new(move || {
+            if let Some(old) = lock(&on_fail).take() {
+                back.replace_token(old);
+            }
+        });
+        if let Err(err) = self.committer.commit(rollback).await {
+            return Err(SessionError::Coordination(err));
+        }
+        lock(&undo).take();
+        if disconnect {
+            session.revoke_viewers();
+        }
+        info!(
+            vm_id,
+            port = session.port,
+            disconnect,
+            "session token rotated"
+        );
+        Ok(session)
     }
 
     /// Runs a change on its own tracked task: it finishes (written, or rolled back) even when
@@ -353,12 +409,14 @@ impl SessionRegistry {
                     continue;
                 }
             };
-            let Some(token) = r
-                .tokens
-                .iter()
-                .find(|t| t.expires_at.is_none())
-                .map(|t| t.value.clone())
-            else {
+            // The file keeps the current token first; validation refused a file without one.
+            let Some(token) = r.tokens.first().map(|t| SessionToken {
+                value: t.value.clone(),
+                expires_at: t
+                    .expires_at
+                    .as_deref()
+                    .and_then(|at| humantime::parse_rfc3339(at).ok()),
+            }) else {
                 degraded.push(format!("session {} dropped: it has no token", r.vm_id));
                 continue;
             };
@@ -405,6 +463,11 @@ impl SessionRegistry {
             degraded.push(why);
         }
         lock(&self.degraded).extend(degraded);
+    }
+
+    /// Requests answered 429 by the failed-token limit since start.
+    pub fn rate_limited(&self) -> u64 {
+        self.ctx.access.failures.refused()
     }
 
     /// Reasons for `system_health: warning` beyond the session count.

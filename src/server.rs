@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -19,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn};
 
-use crate::http::{self, ClientStream, Peer, UpgradedIo};
+use crate::access::{AccessPolicy, ConnectionLimits, ConnectionSlot};
+use crate::http::{self, ClientStream, Conn, Peer, UpgradedIo};
 use crate::pool::PortLease;
 use crate::relay::{self, ClientConn, CloseReason, RelaySettings};
-use crate::session::Session;
+use crate::session::{Session, TokenCheck};
 use crate::tls::ReloadableTls;
 use crate::web::{self, Body, WebRoot, full};
 use crate::ws::{FrameReader, FrameWriter, ReadSide};
@@ -39,6 +41,14 @@ pub struct ServerContext {
     pub tracker: TaskTracker,
     /// Cancelled at shutdown; every session's token is a child.
     pub root: CancellationToken,
+    /// Origin policy, trusted proxies, failed-token limit.
+    pub access: Arc<AccessPolicy>,
+    /// `--max-connections`, `--max-pending-per-ip`.
+    pub limits: Arc<ConnectionLimits>,
+    /// `--token-ttl`: how long a new token admits new connections.
+    pub token_ttl: Option<Duration>,
+    /// The console page's `Content-Security-Policy` (with `--frame-ancestors`).
+    pub csp: HeaderValue,
 }
 
 /// Starts serving `session` on its pool port. The task owns the listener and the lease, so
@@ -56,18 +66,23 @@ pub fn spawn_session_server(
         stop: session.cancel_token(),
         tracker: ctx.tracker.clone(),
         span: info_span!("session", vm_id = %session.vm_id, port = session.port),
+        admission: Some(http::Admission {
+            limits: Arc::clone(&ctx.limits),
+            policy: Arc::clone(&ctx.access),
+        }),
     };
     let tracker = ctx.tracker.clone();
     Ok(tracker.spawn(async move {
         let service_ctx = Arc::clone(&ctx);
         let service_session = Arc::clone(&session);
-        http::serve(listener, move |peer| {
+        http::serve(listener, move |conn: Conn| {
             let session = Arc::clone(&service_session);
             let ctx = Arc::clone(&service_ctx);
             hyper::service::service_fn(move |req| {
                 let session = Arc::clone(&session);
                 let ctx = Arc::clone(&ctx);
-                async move { Ok::<_, Infallible>(handle(req, peer, &session, &ctx).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(handle(req, conn, &session, &ctx).await) }
             })
         })
         .await;
@@ -78,24 +93,28 @@ pub fn spawn_session_server(
 
 async fn handle(
     mut req: Request<Incoming>,
-    peer: Peer,
+    conn: Conn,
     session: &Arc<Session>,
     ctx: &Arc<ServerContext>,
 ) -> Response<Body> {
+    let peer = conn.peer;
     if wants_websocket(req.headers()) {
-        return match accept_websocket(&mut req, session) {
+        return match accept_websocket(&mut req, peer, session, ctx) {
             Ok(response) => {
                 let upgrade = hyper::upgrade::on(req);
                 ctx.tracker.spawn(serve_viewer(
                     upgrade,
                     peer,
+                    conn.slot,
                     Arc::clone(session),
                     Arc::clone(ctx),
                 ));
                 response
             }
             Err(refusal) => {
-                info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, reason = refusal.message, "websocket refused");
+                // Debug, not info: a client hammering wrong tokens must not flood the log
+                // (the failed-token limit logs once per block at warn).
+                debug!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, code = refusal.code, reason = refusal.message, "websocket refused");
                 refusal.into_response()
             }
         };
@@ -108,17 +127,59 @@ async fn handle(
         );
     }
     match req.uri().path() {
-        "/session" => match query_param(req.uri().query(), "token") {
-            Some(token) if session.token_matches(token) => json_response(
-                StatusCode::OK,
-                &serde_json::json!({ "vm_id": session.vm_id }),
-            ),
-            Some(_) => forbidden("wrong token for this console session").into_response(),
-            None => {
-                forbidden("token missing: add ?token=... from the session's url").into_response()
+        "/session" => {
+            let client = ctx.access.client(peer.addr.ip(), peer.tls, req.headers());
+            match check_token(req.uri().query(), &client.addr, session, ctx) {
+                Ok(()) => json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({ "vm_id": session.vm_id }),
+                ),
+                Err(refusal) => refusal.into_response(),
             }
-        },
-        _ => web::serve(&ctx.web, req).await,
+        }
+        _ => web::serve(&ctx.web, &ctx.csp, req).await,
+    }
+}
+
+/// The token check of `/session` and of an upgrade: 429 while the client is over the
+/// failed-token limit, 403 `forbidden` for a missing or wrong token (counted), 403
+/// `token_expired` for the session's own token past its expiry.
+fn check_token(
+    query: Option<&str>,
+    client: &std::net::IpAddr,
+    session: &Session,
+    ctx: &ServerContext,
+) -> Result<(), Refusal> {
+    if let Some(retry_after) = ctx.access.failures.blocked(*client) {
+        return Err(Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message: format!(
+                "too many wrong console tokens from {client}: try again in {retry_after} s"
+            ),
+            retry_after: Some(retry_after),
+        });
+    }
+    let Some(token) = query_param(query, "token") else {
+        ctx.access.failures.record_failure(*client);
+        return Err(forbidden(
+            "token missing: open the console url vncgate gave (it carries ?token= or #token=)",
+        ));
+    };
+    match session.check_token(token) {
+        TokenCheck::Valid => Ok(()),
+        TokenCheck::Expired => Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            code: "token_expired",
+            message: "this console link has expired: ask the platform for a new one".into(),
+            retry_after: None,
+        }),
+        TokenCheck::Wrong => {
+            ctx.access.failures.record_failure(*client);
+            Err(forbidden(
+                "wrong token for this console session (it may have been rotated: ask the platform for a new link)",
+            ))
+        }
     }
 }
 
@@ -139,11 +200,18 @@ struct Refusal {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// For 429: seconds until the client may try again.
+    retry_after: Option<u64>,
 }
 
 impl Refusal {
     fn into_response(self) -> Response<Body> {
         let mut response = json_error(self.status, self.code, &self.message);
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UPGRADE_REQUIRED {
             response.headers_mut().insert(
                 header::SEC_WEBSOCKET_VERSION,
@@ -159,6 +227,7 @@ fn forbidden(message: &str) -> Refusal {
         status: StatusCode::FORBIDDEN,
         code: "forbidden",
         message: message.to_owned(),
+        retry_after: None,
     }
 }
 
@@ -167,20 +236,40 @@ fn bad_request(message: String) -> Refusal {
         status: StatusCode::BAD_REQUEST,
         code: "invalid_request",
         message,
+        retry_after: None,
     }
 }
 
 /// Checks a WebSocket request and builds the 101 answer. Nothing reaches the VNC server
-/// unless every check passes.
+/// unless every check passes: the failed-token limit, the Origin policy, the token, then
+/// the handshake itself (RFC 6455 section 4.2.1).
 fn accept_websocket(
     req: &mut Request<Incoming>,
+    peer: Peer,
     session: &Session,
+    ctx: &ServerContext,
 ) -> Result<Response<Body>, Refusal> {
-    match query_param(req.uri().query(), "token") {
-        Some(token) if session.token_matches(token) => {}
-        Some(_) => return Err(forbidden("wrong token for this console session")),
-        None => return Err(forbidden("token missing: connect to /websockify?token=...")),
+    let client = ctx.access.client(peer.addr.ip(), peer.tls, req.headers());
+    if let Some(retry_after) = ctx.access.failures.blocked(client.addr) {
+        return Err(Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message: format!(
+                "too many wrong console tokens from {}: try again in {retry_after} s",
+                client.addr
+            ),
+            retry_after: Some(retry_after),
+        });
     }
+    if let Err(message) = ctx.access.check_origin(&client, req.headers()) {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            code: "origin_refused",
+            message,
+            retry_after: None,
+        });
+    }
+    check_token(req.uri().query(), &client.addr, session, ctx)?;
     let headers = req.headers();
     if req.version() < hyper::Version::HTTP_11 {
         return Err(bad_request(format!(
@@ -222,6 +311,7 @@ fn accept_websocket(
             status: StatusCode::UPGRADE_REQUIRED,
             code: "invalid_request",
             message: "only WebSocket version 13 is supported".into(),
+            retry_after: None,
         });
     }
     let Some(key) = headers
@@ -286,9 +376,13 @@ fn choose_subprotocol(headers: &HeaderMap) -> Result<Option<&'static str>, Refus
 async fn serve_viewer(
     upgrade: hyper::upgrade::OnUpgrade,
     peer: Peer,
+    slot: Option<Arc<ConnectionSlot>>,
     session: Arc<Session>,
     ctx: Arc<ServerContext>,
 ) {
+    // Held to the end of the relay: a viewer keeps its place under --max-connections, but is
+    // no longer pending for its address once upgraded.
+    let _slot = slot.inspect(|s| s.upgraded());
     let upgraded = tokio::select! {
         u = upgrade => match u {
             Ok(u) => u,
@@ -347,7 +441,7 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
         client,
         &ticket.target,
         &ticket.cancel,
-        || session.cancel_reason(),
+        || session.cancel_reason(ticket.generation),
         &guard.viewer().traffic,
         ctx.relay,
     )

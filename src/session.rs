@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use subtle::ConstantTimeEq;
@@ -21,6 +21,47 @@ use crate::target::Target;
 pub(crate) fn new_token() -> String {
     let bytes: [u8; 24] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The wall clock as token lifetimes see it: the system time at the first call, moved on by
+/// tokio's clock since. Tests pause and advance tokio's clock to expire tokens; in the daemon
+/// it is the system time (give or take clock steps since start).
+pub fn wall_now() -> SystemTime {
+    static BASE: OnceLock<(SystemTime, tokio::time::Instant)> = OnceLock::new();
+    let (wall, mono) = *BASE.get_or_init(|| (SystemTime::now(), tokio::time::Instant::now()));
+    wall + tokio::time::Instant::now().saturating_duration_since(mono)
+}
+
+/// A session's token and when it stops admitting new connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionToken {
+    pub value: String,
+    /// `None`: never (no `--token-ttl`).
+    pub expires_at: Option<SystemTime>,
+}
+
+impl SessionToken {
+    /// A new random token that lives `ttl` from now (or forever).
+    pub fn issue(ttl: Option<Duration>) -> SessionToken {
+        SessionToken {
+            value: new_token(),
+            expires_at: ttl.map(|ttl| wall_now() + ttl),
+        }
+    }
+
+    pub fn is_expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= wall_now())
+    }
+}
+
+/// The verdict on a token a client presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCheck {
+    Valid,
+    /// The session's current token, past its `expires_at` (403 `token_expired`).
+    Expired,
+    /// Missing or not this session's token (403 `forbidden`).
+    Wrong,
 }
 
 /// What an open did.
@@ -67,6 +108,7 @@ impl Drop for ViewerGuard {
 #[derive(Debug)]
 struct TargetSlot {
     target: Target,
+    token: SessionToken,
     /// This session's record in the state file, serialised once per target: a write of 800
     /// sessions then copies bytes instead of formatting and serialising 800 records.
     record: Arc<[u8]>,
@@ -98,9 +140,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Session {
     pub vm_id: String,
     pub port: u16,
-    pub token: String,
     pub created_at: SystemTime,
+    /// Target, token and the record they make; one lock, so the record always matches.
     target: Mutex<TargetSlot>,
+    /// Connections of generations below this were ended by a token revocation (1008).
+    revoked_below: AtomicU64,
     cancel: CancellationToken,
     root: CancellationToken,
     closed: AtomicBool,
@@ -116,7 +160,7 @@ impl Session {
     pub fn new(
         vm_id: &str,
         port: u16,
-        token: String,
+        token: SessionToken,
         created_at: SystemTime,
         target: Target,
         root: &CancellationToken,
@@ -126,10 +170,11 @@ impl Session {
         Arc::new(Session {
             vm_id: vm_id.to_owned(),
             port,
-            token,
             created_at,
+            revoked_below: AtomicU64::new(0),
             target: Mutex::new(TargetSlot {
                 target,
+                token,
                 record,
                 generation: 0,
                 cancel: cancel.child_token(),
@@ -178,17 +223,55 @@ impl Session {
         self.cancel.cancelled()
     }
 
-    /// Constant-time: the time taken says nothing about how much of a guess was right.
-    pub fn token_matches(&self, candidate: &str) -> bool {
-        bool::from(candidate.as_bytes().ct_eq(self.token.as_bytes()))
+    /// The current token.
+    pub fn token(&self) -> SessionToken {
+        lock(&self.target).token.clone()
     }
 
-    /// The close for a connection whose ticket was cancelled: why did it end?
-    pub fn cancel_reason(&self) -> CloseReason {
+    /// Checks a presented token in constant time (the time taken says nothing about how much
+    /// of a guess was right). Only the current token is valid: a rotated one is `Wrong`.
+    pub fn check_token(&self, candidate: &str) -> TokenCheck {
+        let token = self.token();
+        if !bool::from(candidate.as_bytes().ct_eq(token.value.as_bytes())) {
+            TokenCheck::Wrong
+        } else if token.is_expired() {
+            TokenCheck::Expired
+        } else {
+            TokenCheck::Valid
+        }
+    }
+
+    /// Puts `token` in place (new connections need it at once) and returns the old one.
+    pub(crate) fn replace_token(&self, token: SessionToken) -> SessionToken {
+        let mut slot = lock(&self.target);
+        slot.record = render_record(
+            &self.vm_id,
+            &slot.target,
+            self.port,
+            &token,
+            self.created_at,
+        );
+        std::mem::replace(&mut slot.token, token)
+    }
+
+    /// Ends every live viewer with 1008 `token revoked`; new connections are untouched.
+    pub(crate) fn revoke_viewers(&self) {
+        let mut slot = lock(&self.target);
+        let old = std::mem::replace(&mut slot.cancel, self.cancel.child_token());
+        slot.generation += 1;
+        self.revoked_below.store(slot.generation, Ordering::SeqCst);
+        old.cancel();
+    }
+
+    /// The close for a connection of target `generation` whose ticket was cancelled: why did
+    /// it end?
+    pub fn cancel_reason(&self, generation: u64) -> CloseReason {
         if self.root.is_cancelled() {
             CloseReason::Restarting
         } else if self.closed.load(Ordering::SeqCst) {
             CloseReason::SessionClosed
+        } else if generation < self.revoked_below.load(Ordering::SeqCst) {
+            CloseReason::TokenRevoked
         } else {
             CloseReason::Retargeted
         }
@@ -228,7 +311,7 @@ impl Session {
             self.vm_id.as_str(),
             &target,
             self.port,
-            &self.token,
+            &slot.token,
             self.created_at,
         );
         let old_target = std::mem::replace(&mut slot.target, target);
@@ -249,7 +332,7 @@ impl Session {
             self.vm_id.as_str(),
             &undo.old_target,
             self.port,
-            &self.token,
+            &slot.token,
             self.created_at,
         );
         slot.target = undo.old_target;
@@ -294,6 +377,7 @@ impl Session {
         };
         let live_to_client: u64 = viewers.iter().map(|v| v.bytes_to_client).sum();
         let live_to_server: u64 = viewers.iter().map(|v| v.bytes_to_server).sum();
+        let token = self.token();
         let authority = format!("{host}:{}", self.port);
         let (http, ws) = if style.tls {
             ("https", "wss")
@@ -306,16 +390,17 @@ impl Session {
             ws_port: self.port,
             url: if style.bundled_page {
                 // The fragment never reaches a server or proxy log.
-                format!("{http}://{authority}/vnc.html#token={}", self.token)
+                format!("{http}://{authority}/vnc.html#token={}", token.value)
             } else {
                 // Another app (Debian's noVNC) reads the WebSocket path from the query.
                 format!(
                     "{http}://{authority}/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D{}",
-                    self.token
+                    token.value
                 )
             },
-            ws_url: format!("{ws}://{authority}/websockify?token={}", self.token),
-            token: self.token.clone(),
+            ws_url: format!("{ws}://{authority}/websockify?token={}", token.value),
+            token_expires_at: token.expires_at.map(rfc3339),
+            token: token.value,
             created_at: rfc3339(self.created_at),
             connections: viewers.len(),
             bytes_to_client: self.ended_traffic.to_client.load(Ordering::Relaxed) + live_to_client,
@@ -339,7 +424,7 @@ fn render_record(
     vm_id: &str,
     target: &Target,
     port: u16,
-    token: &str,
+    token: &SessionToken,
     created_at: SystemTime,
 ) -> Arc<[u8]> {
     let record = SessionRecord {
@@ -347,8 +432,8 @@ fn render_record(
         target: target.to_string(),
         ws_port: port,
         tokens: vec![TokenRecord {
-            value: token.to_owned(),
-            expires_at: None,
+            value: token.value.clone(),
+            expires_at: token.expires_at.map(rfc3339),
         }],
         created_at: rfc3339(created_at),
     };
@@ -369,6 +454,8 @@ pub struct SessionInfo {
     pub url: String,
     pub ws_url: String,
     pub token: String,
+    /// When the token stops admitting new connections (RFC 3339); null without `--token-ttl`.
+    pub token_expires_at: Option<String>,
     pub created_at: String,
     /// Live viewers.
     pub connections: usize,
@@ -396,5 +483,58 @@ mod tests {
         let (a, b) = (new_token(), new_token());
         assert_eq!(a.len(), 48);
         assert_ne!(a, b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_expire_and_rotate() {
+        let root = CancellationToken::new();
+        let target: Target = "127.0.0.1:5901".parse().expect("target");
+        let first = SessionToken::issue(Some(Duration::from_secs(60)));
+        let s = Session::new("vm", 7000, first.clone(), SystemTime::now(), target, &root);
+        assert_eq!(s.check_token(&first.value), TokenCheck::Valid);
+        assert_eq!(s.check_token("nope"), TokenCheck::Wrong);
+        assert_eq!(s.check_token(""), TokenCheck::Wrong);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(s.check_token(&first.value), TokenCheck::Expired);
+        assert_eq!(
+            s.check_token("nope"),
+            TokenCheck::Wrong,
+            "a wrong token is not told it expired"
+        );
+        let second = SessionToken::issue(Some(Duration::from_secs(60)));
+        s.replace_token(second.clone());
+        assert_eq!(s.check_token(&second.value), TokenCheck::Valid);
+        assert_eq!(
+            s.check_token(&first.value),
+            TokenCheck::Wrong,
+            "a rotated token is gone"
+        );
+        let record: SessionRecord = serde_json::from_slice(&s.record()).expect("record");
+        assert_eq!(record.tokens[0].value, second.value);
+        assert_eq!(record.tokens[0].expires_at, second.expires_at.map(rfc3339));
+    }
+
+    #[test]
+    fn revocation_names_only_the_generations_it_ended() {
+        let root = CancellationToken::new();
+        let target: Target = "127.0.0.1:5901".parse().expect("target");
+        let s = Session::new(
+            "vm",
+            7000,
+            SessionToken::issue(None),
+            SystemTime::now(),
+            target,
+            &root,
+        );
+        let before = s.ticket();
+        s.revoke_viewers();
+        assert!(before.cancel.is_cancelled());
+        assert_eq!(
+            s.cancel_reason(before.generation),
+            CloseReason::TokenRevoked
+        );
+        let after = s.ticket();
+        assert!(!after.cancel.is_cancelled());
+        assert_eq!(s.cancel_reason(after.generation), CloseReason::Retargeted);
     }
 }

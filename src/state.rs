@@ -213,6 +213,14 @@ pub fn validate(records: &[SessionRecord]) -> Result<(), String> {
                     r.vm_id
                 ));
             }
+            if let Some(at) = &t.expires_at
+                && humantime::parse_rfc3339(at).is_err()
+            {
+                return Err(format!(
+                    "record {i} ({:?}) has a token expires_at {at:?} that is not an RFC 3339 time",
+                    r.vm_id
+                ));
+            }
         }
     }
     Ok(())

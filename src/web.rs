@@ -37,9 +37,41 @@ struct Page;
 #[include = "LICENSE.txt"]
 struct NoVnc;
 
-/// The page's policy: everything from this port, nothing from anywhere else.
-const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; \
-                   style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'";
+/// The page's policy: everything from this port, nothing from anywhere else, no inline
+/// script. Inline styles stay allowed: noVNC positions its canvas through style attributes.
+const CSP_BASE: &str = "default-src 'self'; script-src 'self'; connect-src 'self'; \
+                        img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; \
+                        object-src 'none'; base-uri 'none'; form-action 'none'";
+
+/// The console page's `Content-Security-Policy` with `frame-ancestors` (DESIGN.md "Access
+/// control", `--frame-ancestors`, default `'self'`): who may embed the page in a frame.
+/// Errors name what is wrong with the value.
+pub fn content_security_policy(frame_ancestors: &str) -> Result<HeaderValue, String> {
+    let value = frame_ancestors.trim();
+    let sources_ok = !value.is_empty()
+        && value.split_whitespace().all(|source| {
+            source
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"'*:/.-_[]".contains(&b))
+        });
+    if !sources_ok {
+        return Err(format!(
+            "{frame_ancestors:?} is not a CSP source list: give sources separated by spaces, e.g. \"'self' https://platform.example\" or \"'none'\""
+        ));
+    }
+    HeaderValue::from_str(&format!("{CSP_BASE}; frame-ancestors {value}"))
+        .map_err(|e| format!("{frame_ancestors:?}: {e}"))
+}
+
+/// `Cache-Control` etc. for HTML pages: the CSP, no referrer (a URL with `?token=` must not
+/// leak to another site), no MIME sniffing.
+fn page_headers(h: &mut hyper::HeaderMap, csp: &HeaderValue) {
+    h.insert(header::CONTENT_SECURITY_POLICY, csp.clone());
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+}
 
 /// What a session port serves for plain GETs.
 #[derive(Debug, Clone)]
@@ -117,15 +149,20 @@ fn not_found() -> Response<Body> {
     r
 }
 
-/// Serves a GET or HEAD for a static asset.
-pub async fn serve<B>(root: &WebRoot, req: Request<B>) -> Response<Body> {
+/// Serves a GET or HEAD for a static asset; HTML pages carry `csp`
+/// ([`content_security_policy`]).
+pub async fn serve<B>(root: &WebRoot, csp: &HeaderValue, req: Request<B>) -> Response<Body> {
     let Some(path) = clean_path(req.uri().path()) else {
         return not_found();
     };
-    match root {
+    let mut response = match root {
         WebRoot::Bundled => serve_bundled(&path, &req),
         WebRoot::Dir(dir) => serve_dir(dir, &path, req).await,
+    };
+    if path.ends_with(".html") {
+        page_headers(response.headers_mut(), csp);
     }
+    response
 }
 
 fn serve_bundled<B>(path: &str, req: &Request<B>) -> Response<Body> {
@@ -156,7 +193,13 @@ fn serve_bundled<B>(path: &str, req: &Request<B>) -> Response<Body> {
     } else if req.method() == Method::HEAD {
         Response::new(empty())
     } else {
-        Response::new(full(Bytes::from(file.data.into_owned())))
+        // Release builds embed the files in the binary: hand out the static bytes, never a
+        // copy per request (a thousand clients fetching rfb.js would hold a copy each).
+        let bytes = match file.data {
+            std::borrow::Cow::Borrowed(b) => Bytes::from_static(b),
+            std::borrow::Cow::Owned(v) => Bytes::from(v),
+        };
+        Response::new(full(bytes))
     };
     let h = response.headers_mut();
     h.insert(
@@ -172,16 +215,6 @@ fn serve_bundled<B>(path: &str, req: &Request<B>) -> Response<Body> {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    if path.ends_with(".html") {
-        h.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(CSP),
-        );
-        h.insert(
-            header::REFERRER_POLICY,
-            HeaderValue::from_static("no-referrer"),
-        );
-    }
     response
 }
 
@@ -251,6 +284,24 @@ mod tests {
         ];
         for (raw, want) in cases {
             assert_eq!(clean_path(raw).as_deref(), *want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn frame_ancestors() {
+        let csp = |v: &str| content_security_policy(v).map(|h| h.to_str().unwrap_or("").to_owned());
+        let default = csp("'self'").unwrap_or_default();
+        assert!(default.ends_with("; frame-ancestors 'self'"), "{default}");
+        assert!(default.contains("script-src 'self'") && !default.contains("unsafe-eval"));
+        assert!(csp("'self' https://platform.example:8443").is_ok());
+        assert!(csp("'none'").is_ok());
+        for bad in [
+            "",
+            "'self'; script-src *",
+            "https://a.example, https://b.example",
+            "a\nb",
+        ] {
+            assert!(csp(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -606,7 +606,7 @@ async fn opens_whose_clients_hang_up_or_never_read_leave_the_file_equal_to_the_t
                 .expect("api");
             let body = format!(r#"{{"vm_id": "vm-gone-{i}", "target": "127.0.0.1:5999"}}"#);
             let request = format!(
-                "POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             );
             s.write_all(request.as_bytes()).await.expect("send");

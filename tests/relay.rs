@@ -468,7 +468,7 @@ async fn shutdown_closes_viewers_with_1001_restarting() {
         let idle_api = tokio::net::TcpStream::connect(gate.api).await.expect("api");
         let mut stalled_api = tokio::net::TcpStream::connect(gate.api).await.expect("api");
         stalled_api
-            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             .await
             .expect("half a request");
         let daemon = gate.daemon.take().expect("daemon");
