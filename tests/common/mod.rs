@@ -622,6 +622,7 @@ pub fn fd_list(pid: u32) -> String {
         .join(" ")
 }
 
+pub mod raw;
 pub mod rfb;
 pub mod tls;
 pub mod vnc;
