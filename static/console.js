@@ -47,8 +47,18 @@ async function askSession() {
     if (response.ok) {
       return { ok: true, vmId: body.vm_id };
     }
+    const code = body.error && body.error.code ? body.error.code : '';
     const message = body.error && body.error.message ? body.error.message : `HTTP ${response.status}`;
-    return { ok: false, why: response.status === 403 ? `Wrong token: ${message}` : message };
+    if (code === 'token_expired') {
+      return { ok: false, final: true, why: 'This console link has expired: ask the platform for a new one' };
+    }
+    if (code === 'rate_limited') {
+      return { ok: false, why: `Too many wrong tokens from this address: ${message}` };
+    }
+    if (code === 'forbidden') {
+      return { ok: false, final: true, why: `Wrong token: ${message}` };
+    }
+    return { ok: false, why: message };
   } catch (err) {
     return { ok: false, why: 'vncgate is not reachable' };
   }
@@ -64,6 +74,9 @@ function describeClose(close) {
     case 1011: return close.reason || 'VNC server unreachable';
     case 1012: return 'VNC target changed';
     case 1013: return 'Too many viewers on this console';
+    case 1008: return close.reason === 'token revoked'
+      ? 'This console link was revoked: ask the platform for a new one'
+      : (close.reason || 'Disconnected by policy');
     case 1006: return 'Connection lost';
     default: return close.reason || `Disconnected (code ${close.code})`;
   }
@@ -97,6 +110,10 @@ async function onDisconnect(close, securityFailure) {
     setState('closed', 'Session closed: this console was closed by the VM platform');
     return;
   }
+  if (close && close.code === 1008 && close.reason === 'token revoked') {
+    setState('closed', describeClose(close));
+    return;
+  }
   if (securityFailure) {
     setState('error', `The VNC server refused the connection: ${securityFailure}. Press Reconnect to try again`);
     return;
@@ -105,6 +122,11 @@ async function onDisconnect(close, securityFailure) {
   if (!close || close.code === 1006) {
     const session = await askSession();
     if (!session.ok) {
+      if (session.final) {
+        // An expired or wrong token will not work on a retry: say so and stop.
+        setState('closed', session.why);
+        return;
+      }
       why = session.why;
     }
   }

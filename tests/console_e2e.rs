@@ -365,9 +365,18 @@ async fn the_page_explains_closes_and_reconnects_by_itself() {
                 // A wrong token is named as such (the browser itself only sees 1006).
                 { "op": "goto", "url": format!("http://127.0.0.1:{port}/vnc.html#token=wrong") },
                 { "op": "waitStatus", "contains": "Wrong token" },
+                { "op": "waitState", "state": "closed" },
                 { "op": "record", "selector": "#status", "as": "wrongToken" },
-                // Closing the session ends it for good.
+                // A rotation with disconnect revokes the open page: it says so and stops.
                 { "op": "goto", "url": url },
+                { "op": "waitState", "state": "connected" },
+                { "op": "api", "method": "POST", "path": "/v1/sessions/vm-heal/token", "status": 200, "body": { "disconnect": true } },
+                { "op": "waitStatus", "contains": "revoked" },
+                { "op": "waitState", "state": "closed" },
+                { "op": "record", "selector": "#status", "as": "revoked" },
+                { "op": "api", "method": "POST", "path": "/v1/sessions", "status": 200, "body": { "vm_id": "vm-heal", "target": target } },
+                // Closing the session ends it for good (the url of the newest token).
+                { "op": "gotoSession", "vm_id": "vm-heal" },
                 { "op": "waitState", "state": "connected" },
                 { "op": "api", "method": "DELETE", "path": "/v1/sessions/vm-heal", "status": 204 },
                 { "op": "waitState", "state": "closed" },
@@ -384,9 +393,56 @@ async fn the_page_explains_closes_and_reconnects_by_itself() {
         assert!(status.success());
         daemon.restart().await;
         let result = driver.await.expect("driver task");
-        eprintln!("statuses: {} | {} | {}", result["unreachable"], result["closed"], result["wrongToken"]);
+        eprintln!("statuses: {} | {} | {} | {}", result["unreachable"], result["closed"], result["wrongToken"], result["revoked"]);
         assert!(result["closed"].as_str().is_some_and(|s| s.starts_with("Session closed")), "{result}");
-        assert_eq!(result["stepsDone"], 18, "{result}");
+        assert!(result["revoked"].as_str().is_some_and(|s| s.contains("revoked")), "{result}");
+        assert_eq!(result["stepsDone"], 26, "{result}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_when_its_link_has_expired_and_stops() {
+    if !tools_present(&[]) {
+        return;
+    }
+    bounded(Duration::from_secs(120), async {
+        let daemon = DaemonProcess::spawn(2, &["--token-ttl", "1s"]).await;
+        let session = daemon.open_ok("vm-expired", "127.0.0.1:5999").await;
+        let url = session["url"].as_str().expect("url");
+        let port = session["ws_port"].as_u64().expect("port") as u16;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let probe = format!(
+            "GET /session?token={} HTTP/1.1\r\nHost: {addr}\r\n\r\n",
+            session["token"].as_str().expect("token")
+        );
+        let me = std::net::IpAddr::from([127, 0, 0, 1]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while common::raw::request(me, addr, &probe).await.code() != "token_expired" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the token never expired"
+            );
+            // Polling the daemon until its clock passes the expiry.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let result = drive(json!({
+            "url": url, "outDir": out_dir(), "name": "expired", "app": "bundled",
+            "capture": false, "width": 800, "height": 600, "api": format!("http://{}", daemon.api),
+            "steps": [
+                { "op": "waitStatus", "contains": "expired" },
+                { "op": "waitState", "state": "closed" },
+                { "op": "record", "selector": "#status", "as": "expired" },
+            ],
+        }))
+        .await;
+        assert_eq!(result["stepsDone"], 3, "{result}");
+        assert!(
+            result["expired"]
+                .as_str()
+                .is_some_and(|s| s.contains("ask the platform for a new one")),
+            "{result}"
+        );
     })
     .await;
 }

@@ -112,6 +112,12 @@ try {
   const runStep = async (step) => {
     switch (step.op) {
       case 'goto': return page.goto(step.url);
+      case 'gotoSession': {
+        // The session's current url (its token may have been rotated by an earlier step).
+        const r = await fetch(`${spec.api}/v1/sessions/${step.vm_id}`);
+        if (r.status !== 200) throw new Error(`GET /v1/sessions/${step.vm_id}: HTTP ${r.status}`);
+        return page.goto((await r.json()).url);
+      }
       case 'waitState': return waitFor(`state ${step.state}`, () => page.evaluate((s) => window.vncgate && window.vncgate.state === s, step.state));
       case 'waitStatus': return waitFor(`status ~ ${step.contains}`, async () => ((await page.textContent('#status')) || '').includes(step.contains));
       case 'waitVisible': return page.waitForSelector(step.selector, { state: 'visible', timeout: 20000 });
