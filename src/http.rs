@@ -24,6 +24,9 @@ use tracing::{Instrument, Span, debug, warn};
 use crate::access::{AccessPolicy, ConnectionLimits, ConnectionSlot};
 use crate::tls::ReloadableTls;
 
+mod refusals;
+pub use refusals::JsonRefusals;
+
 /// Request headers must arrive within this (slowloris). hyper's header timer also runs while a
 /// kept-alive connection waits for its next request, so it is the keep-alive idle limit too.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -305,7 +308,7 @@ where
 }
 
 /// What hyper hands a handler after an upgrade: downcast the upgraded connection to this.
-pub type UpgradedIo = TokioIo<Timed<ClientStream>>;
+pub type UpgradedIo = TokioIo<JsonRefusals<Timed<ClientStream>>>;
 
 /// One listener: its socket, its TLS (if any), and when it stops.
 pub struct Listener {
@@ -446,7 +449,7 @@ async fn serve_connection<F, S, B>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS)
-        .serve_connection(TokioIo::new(Timed::new(io)), service)
+        .serve_connection(TokioIo::new(JsonRefusals::new(Timed::new(io))), service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {

@@ -402,7 +402,7 @@ async fn serve_viewer(
         }
     };
     let leftover = parts.read_buf;
-    match parts.io.into_inner().into_inner() {
+    match parts.io.into_inner().into_inner().into_inner() {
         ClientStream::Plain(tcp) => {
             // The fast path: the socket's halves, read in place when readable.
             let (r, w) = tcp.into_split();

@@ -218,3 +218,33 @@ async fn sessions_carry_urls_for_the_host_the_client_used() {
     })
     .await;
 }
+
+/// Requests hyper refuses before any handler (a malformed request line, a bad
+/// Content-Length, headers over 16 KiB) still get the JSON error object, on the API and on
+/// session ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_requests_get_the_json_error_object() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start(2).await;
+        let session = gate.open_ok("vm-garbage", &fake.target).await;
+        let port = session["ws_port"].as_u64().expect("port") as u16;
+        let me = std::net::IpAddr::from([127, 0, 0, 1]);
+        let big = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+        for to in [gate.api, std::net::SocketAddr::from(([127, 0, 0, 1], port))] {
+            for (request, status) in [
+                ("GARBAGE\r\n\r\n", 400),
+                ("POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", 400),
+                ("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+                (big.as_str(), 431),
+            ] {
+                let r = common::raw::request(me, to, request).await;
+                assert_eq!(r.status, status, "{to}: {:.60}", request);
+                assert_eq!(r.code(), "invalid_request", "{to}: {r:?}");
+                assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
+            }
+        }
+        assert_eq!(gate.status().await["active_sessions"], 1, "nothing else disturbed");
+    })
+    .await;
+}
