@@ -814,3 +814,32 @@ async fn wrong_tokens_get_one_address_429_while_another_connects() {
     })
     .await;
 }
+
+/// Connections that have not upgraded never take a viewer slot: with a cap of one viewer,
+/// ten idle connections to the port do not keep the one viewer out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_connections_never_take_a_viewer_slot() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start_with(2, |c| c.max_connections_per_session = 1).await;
+        let session = gate.open_ok("vm-slots", &fake.target).await;
+        let addr = port_of(&session);
+        let mut idle = Vec::new();
+        for _ in 0..10 {
+            idle.push(raw::connect_from(ME, addr).await.expect("connect"));
+        }
+        let mut ws = websocket_from(ME, session["ws_url"].as_str().expect("ws_url"), &[])
+            .await
+            .expect("the one viewer gets in");
+        relays(&mut ws).await;
+        let mut second = websocket_from(ME, session["ws_url"].as_str().expect("ws_url"), &[])
+            .await
+            .expect("upgrades, then is closed for the cap");
+        assert_eq!(
+            next_close(&mut second).await,
+            close_of(CloseReason::TooManyViewers)
+        );
+        drop(idle);
+    })
+    .await;
+}
