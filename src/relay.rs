@@ -159,6 +159,21 @@ pub struct ClientConn<W> {
     pub writer: FrameWriter<W>,
 }
 
+impl CloseReason {
+    /// The close a viewer gets for a frame-reader error (RFC 6455 section 7.4.1): 1009 for a
+    /// frame over the limit, 1007 for a non-UTF-8 close reason, 1002 for any other breach of
+    /// the protocol (an I/O error also ends as 1002, though nobody is left to read it).
+    pub fn for_client_error(err: &WsError) -> CloseReason {
+        match err {
+            WsError::TooBig(n) => CloseReason::MessageTooBig(format!(
+                "message too big: a frame of {n} bytes exceeds the limit"
+            )),
+            WsError::InvalidUtf8(_) => CloseReason::InvalidData(err.to_string()),
+            _ => CloseReason::ProtocolError(err.to_string()),
+        }
+    }
+}
+
 impl<W: AsyncWrite + Unpin> ClientConn<W> {
     /// Sends a close frame (if the connection still takes one) within [`CLOSE_GRACE`].
     pub async fn close(&mut self, reason: &CloseReason) {
@@ -229,13 +244,7 @@ pub async fn run_relay<W: AsyncWrite + Unpin>(
         PumpEnd::ClientClosed(code) => CloseReason::ClientClosed(code),
         PumpEnd::IdleTimeout => CloseReason::IdleTimeout,
         PumpEnd::PingTimeout => CloseReason::KeepaliveTimeout,
-        PumpEnd::ClientMisbehaved(WsError::TooBig(n)) => CloseReason::MessageTooBig(format!(
-            "message too big: a frame of {n} bytes exceeds the limit"
-        )),
-        PumpEnd::ClientMisbehaved(err @ WsError::InvalidUtf8(_)) => {
-            CloseReason::InvalidData(err.to_string())
-        }
-        PumpEnd::ClientMisbehaved(err) => CloseReason::ProtocolError(err.to_string()),
+        PumpEnd::ClientMisbehaved(err) => CloseReason::for_client_error(&err),
         PumpEnd::TargetFailed(why) => CloseReason::TargetFailed(why),
         PumpEnd::ClientGone(why) => {
             return Outcome {

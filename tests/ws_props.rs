@@ -70,16 +70,13 @@ fn push(events: &mut Vec<Ev>, ev: Ev) {
     }
 }
 
-/// The close code the relay answers a reader error with. The mapping itself lives in the
-/// private `pump`/`PumpEnd` of src/relay.rs (no public `WsError -> CloseReason`), so it is
-/// restated here: 1009 too big, 1007 invalid UTF-8, 1002 any other protocol error.
+/// The close code the relay answers a reader error with (`CloseReason::for_client_error`,
+/// the relay's own mapping); none at a clean end of stream.
 fn close_code(err: &WsError) -> Option<u16> {
     match err {
         WsError::Eof => None,
-        WsError::TooBig(_) => Some(1009),
-        WsError::InvalidUtf8(_) => Some(1007),
-        WsError::Protocol(_) => Some(1002),
         WsError::Io(e) => panic!("an in-memory stream cannot fail: {e}"),
+        other => Some(vncgate::relay::CloseReason::for_client_error(other).code()),
     }
 }
 

@@ -86,14 +86,13 @@ fn push(events: &mut Vec<Ev>, ev: Ev) {
     }
 }
 
-/// The close code the relay sends for a reader error (relay.rs, `run_relay`).
+/// The close code the relay answers a reader error with (`CloseReason::for_client_error`,
+/// the relay's own mapping); none at a clean end of stream.
 fn close_code(err: &WsError) -> Option<u16> {
     match err {
         WsError::Eof => None,
-        WsError::TooBig(_) => Some(1009),
-        WsError::InvalidUtf8(_) => Some(1007),
-        WsError::Protocol(_) => Some(1002),
         WsError::Io(e) => panic!("an in-memory stream cannot fail: {e}"),
+        other => Some(vncgate::relay::CloseReason::for_client_error(other).code()),
     }
 }
 
