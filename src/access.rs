@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use hyper::HeaderMap;
 use hyper::header::{self, HeaderName};
 use ipnet::IpNet;
@@ -26,6 +27,11 @@ use crate::session::lock;
 pub const FAIL_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses with failures remembered at once before expired ones are swept out.
 const FAIL_TABLE_SWEEP: usize = 4096;
+/// Addresses with failures remembered at most: past it (a distributed attacker with this many
+/// addresses, or IPv6 /64s) new addresses are not tracked until old ones expire.
+const FAIL_TABLE_MAX: usize = 65_536;
+/// Sweeps of the failure table at most this often (each walks the whole table).
+const FAIL_SWEEP_PERIOD: Duration = Duration::from_secs(1);
 /// Refusals at accept are logged at most once per this period.
 const ACCEPT_WARN_PERIOD: Duration = Duration::from_secs(60);
 
@@ -202,6 +208,31 @@ pub struct AccessPolicy {
     pub trusted_proxies: Vec<IpNet>,
     /// The failed-token limit.
     pub failures: FailLimiter,
+    /// Origin refusals are logged at warn once a minute, with the count in between.
+    pub origin_log: Throttle,
+}
+
+/// Lets a log line through at most once per period, counting what it held back: a client that
+/// repeats a refused request must not write a line per request.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Mutex<Option<Instant>>,
+    held_back: AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(n)` when a line may be written now (`n` lines were held back since the last);
+    /// `None` (and one more held back) otherwise.
+    pub fn ready(&self, period: Duration) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = lock(&self.last);
+        if last.is_some_and(|t| now.duration_since(t) < period) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.held_back.swap(0, Ordering::Relaxed))
+    }
 }
 
 impl AccessPolicy {
@@ -239,7 +270,7 @@ impl AccessPolicy {
             .map(str::trim)
             .collect::<Vec<_>>();
         for hop in hops.iter().rev() {
-            let Ok(ip) = hop.parse::<IpAddr>() else {
+            let Some(ip) = parse_hop(hop) else {
                 break;
             };
             addr = ip;
@@ -268,10 +299,15 @@ impl AccessPolicy {
     /// otherwise it must be the port's own origin (`client.scheme` + `client.host`) or one of
     /// `--allowed-origins`. `Origin: null` and anything unparsable are refused.
     pub fn check_origin(&self, client: &Client, headers: &HeaderMap) -> Result<(), String> {
-        let Some(raw) = headers.get(header::ORIGIN) else {
-            return Ok(());
-        };
-        let text = raw.to_str().unwrap_or("");
+        match headers.get(header::ORIGIN) {
+            None => Ok(()),
+            Some(raw) => self.check_origin_value(client, raw.to_str().unwrap_or("")),
+        }
+    }
+
+    /// [`AccessPolicy::check_origin`] for an origin given as text (the console page passes
+    /// its own to `GET /session`, where the browser sends none, to learn why it is refused).
+    pub fn check_origin_value(&self, client: &Client, text: &str) -> Result<(), String> {
         let Ok(origin) = text.parse::<Origin>() else {
             return Err(format!(
                 "Origin {text:?} is not allowed to open this console (a page of another site, or a sandboxed one)"
@@ -285,10 +321,22 @@ impl AccessPolicy {
             return Ok(());
         }
         Err(format!(
-            "Origin {text} is not this console's own origin{} nor in --allowed-origins",
+            "Origin {text} is not this console's own origin{} nor in --allowed-origins (behind a TLS-terminating proxy? list it in --trusted-proxies)",
             own.map(|o| format!(" ({o})")).unwrap_or_default()
         ))
     }
+}
+
+/// One `X-Forwarded-For` entry: an address, also as `ip:port` or `[v6]:port` (some proxies
+/// append the port).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sock) = hop.parse::<std::net::SocketAddr>() {
+        return Some(sock.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 fn peer_unmapped(ip: IpAddr) -> IpAddr {
@@ -311,7 +359,10 @@ struct FailWindow {
 #[derive(Debug)]
 pub struct FailLimiter {
     limit: u32,
-    table: Mutex<HashMap<ClientKey, FailWindow>>,
+    /// Sharded: every token check on every port reads it.
+    table: DashMap<ClientKey, FailWindow>,
+    /// When the table was last swept of expired windows.
+    last_sweep: Mutex<Option<Instant>>,
     /// Requests refused with 429 since start (for status and tests).
     refused: AtomicU64,
 }
@@ -321,7 +372,8 @@ impl FailLimiter {
     pub fn new(limit: u32) -> FailLimiter {
         FailLimiter {
             limit,
-            table: Mutex::new(HashMap::new()),
+            table: DashMap::new(),
+            last_sweep: Mutex::new(None),
             refused: AtomicU64::new(0),
         }
     }
@@ -332,8 +384,7 @@ impl FailLimiter {
             return None;
         }
         let now = Instant::now();
-        let table = lock(&self.table);
-        let until = table.get(&ClientKey::of(addr))?.blocked_until?;
+        let until = self.table.get(&ClientKey::of(addr))?.blocked_until?;
         if until <= now {
             return None;
         }
@@ -349,14 +400,13 @@ impl FailLimiter {
         }
         let now = Instant::now();
         let key = ClientKey::of(addr);
-        let mut table = lock(&self.table);
-        if table.len() >= FAIL_TABLE_SWEEP && !table.contains_key(&key) {
-            table.retain(|_, w| {
-                now.duration_since(w.started) < FAIL_WINDOW
-                    || w.blocked_until.is_some_and(|u| u > now)
-            });
+        if !self.table.contains_key(&key) && self.table.len() >= FAIL_TABLE_SWEEP {
+            self.sweep(now);
+            if self.table.len() >= FAIL_TABLE_MAX {
+                return;
+            }
         }
-        let window = table.entry(key).or_insert(FailWindow {
+        let mut window = self.table.entry(key).or_insert(FailWindow {
             started: now,
             failures: 0,
             blocked_until: None,
@@ -380,6 +430,20 @@ impl FailLimiter {
                 "too many wrong console tokens: client refused with 429 for a while (--auth-fail-limit)"
             );
         }
+    }
+
+    /// Drops windows that are over and not blocking, at most once per [`FAIL_SWEEP_PERIOD`].
+    fn sweep(&self, now: Instant) {
+        {
+            let mut last = lock(&self.last_sweep);
+            if last.is_some_and(|t| now.duration_since(t) < FAIL_SWEEP_PERIOD) {
+                return;
+            }
+            *last = Some(now);
+        }
+        self.table.retain(|_, w| {
+            now.duration_since(w.started) < FAIL_WINDOW || w.blocked_until.is_some_and(|u| u > now)
+        });
     }
 
     /// Requests refused with 429 since start.
@@ -541,6 +605,13 @@ impl Drop for ConnectionSlot {
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// Connections to the control API from other hosts, at most (loopback is never capped, so an
+/// operator on the host always gets in): a non-loopback API must not be a way to exhaust the
+/// daemon's descriptors.
+pub const API_MAX_CONNECTIONS: usize = 256;
+/// Connections to the control API per client address (other than loopback), at most.
+pub const API_MAX_PER_ADDRESS: usize = 64;
 
 /// `--max-connections` when unset: half of what the open-files limit leaves after the pool's
 /// listeners and 256 for the API, the state file and logs (each viewer also holds a socket to

@@ -109,7 +109,17 @@ pub async fn serve(listener: http::Listener, app: Router, guard: Arc<ApiGuard>) 
                         .headers()
                         .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
                 if let Err(refusal) = guard.check(req.uri().path(), preflight, req.headers()) {
-                    return Ok(refused(refusal));
+                    // An allowed browser app may read why (e.g. its token was wrong).
+                    let allowed = origin
+                        .as_ref()
+                        .and_then(|o| o.to_str().ok())
+                        .is_some_and(|o| guard.origin_allowed(o));
+                    let response = refused(refusal);
+                    return Ok(if allowed {
+                        with_cors(response, origin)
+                    } else {
+                        response
+                    });
                 }
                 // Past the guard, an Origin is one of --api-allowed-origins: answer CORS.
                 if preflight {

@@ -27,6 +27,8 @@ pub const DEFAULT_MAX_SESSIONS: usize = 800;
 /// Under the 60 s idle timeout of common reverse proxies, with room for two missed pongs.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_MAX_CONNECTIONS_PER_SESSION: usize = 8;
+/// The longest `--token-ttl`: ten years (expiry times stay writable as RFC 3339).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 /// Failed token checks per client address per minute before 429 (`--auth-fail-limit`).
 pub const DEFAULT_AUTH_FAIL_LIMIT: u32 = 20;
 /// Connections not yet upgraded per client address (`--max-pending-per-ip`): a browser
@@ -391,6 +393,13 @@ impl ServeArgs {
         }
         if let Some(v) = pick(&self.token_ttl, file.token_ttl) {
             config.token_ttl = parse_duration("--token-ttl", &v)?;
+            if config.token_ttl.is_some_and(|t| t > MAX_TOKEN_TTL) {
+                return Err(invalid(
+                    "--token-ttl",
+                    &v,
+                    "at most ten years (use off for tokens that never expire)",
+                ));
+            }
         }
         if let Some(v) = pick(&self.auth_fail_limit, file.auth_fail_limit.map(value_text)) {
             config.auth_fail_limit = v.trim().parse().map_err(|_| {

@@ -134,11 +134,24 @@ impl Daemon {
             config.max_sessions,
             config.listen_host,
         );
-        let max_connections = config.max_connections.unwrap_or_else(|| {
-            let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
-            access::default_max_connections(nofile, config.port_range.len())
-        });
+        let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+        let fitting = access::default_max_connections(nofile, config.port_range.len());
+        let max_connections = config.max_connections.unwrap_or(fitting);
+        if max_connections > fitting {
+            warn!(
+                max_connections,
+                nofile,
+                fits = fitting,
+                "--max-connections exceeds what the open-files limit leaves (each viewer also holds a socket to its VNC server): accept may fail with EMFILE before the cap is reached"
+            );
+        }
         let limits = ConnectionLimits::new(max_connections, config.max_pending_per_ip);
+        let ctx_access = Arc::new(AccessPolicy {
+            allowed_origins: config.allowed_origins.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            failures: FailLimiter::new(config.auth_fail_limit),
+            origin_log: access::Throttle::default(),
+        });
         let ctx = Arc::new(ServerContext {
             relay: RelaySettings {
                 ping_interval: config.ping_interval,
@@ -152,11 +165,7 @@ impl Daemon {
             tls: session_tls.clone(),
             tracker: tracker.clone(),
             root: root.clone(),
-            access: Arc::new(AccessPolicy {
-                allowed_origins: config.allowed_origins.clone(),
-                trusted_proxies: config.trusted_proxies.clone(),
-                failures: FailLimiter::new(config.auth_fail_limit),
-            }),
+            access: Arc::clone(&ctx_access),
             limits: Arc::clone(&limits),
             token_ttl: config.token_ttl,
             csp,
@@ -194,8 +203,16 @@ impl Daemon {
                 stop: root.clone(),
                 tracker: tracker.clone(),
                 span: tracing::info_span!("api"),
-                // The API is outside the client caps: operators must reach it under attack.
-                admission: None,
+                // Outside --max-connections, with small caps of its own for other hosts;
+                // loopback is never capped, so an operator on the host gets in under attack.
+                admission: Some(http::Admission {
+                    limits: ConnectionLimits::new(
+                        access::API_MAX_CONNECTIONS,
+                        access::API_MAX_PER_ADDRESS,
+                    ),
+                    policy: Arc::clone(&ctx_access),
+                    exempt_loopback: true,
+                }),
             },
             app,
             Arc::clone(&api_guard),

@@ -331,6 +331,8 @@ pub struct Admission {
     pub limits: Arc<ConnectionLimits>,
     /// Trusted proxies are exempt from the per-address pending cap.
     pub policy: Arc<AccessPolicy>,
+    /// Loopback peers pass uncounted (the API: an operator on the host always gets in).
+    pub exempt_loopback: bool,
 }
 
 /// A served connection: who it is, and its place under the caps (session ports; the viewer
@@ -365,6 +367,7 @@ where
                     Ok((stream, addr)) => {
                         let slot = match &listener.admission {
                             None => None,
+                            Some(a) if a.exempt_loopback && addr.ip().is_loopback() => None,
                             Some(a) => {
                                 let exempt = a.policy.is_trusted_proxy(addr.ip());
                                 match a.limits.admit(addr.ip(), exempt) {

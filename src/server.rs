@@ -24,7 +24,7 @@ use crate::access::{AccessPolicy, ConnectionLimits, ConnectionSlot};
 use crate::http::{self, ClientStream, Conn, Peer, UpgradedIo};
 use crate::pool::PortLease;
 use crate::relay::{self, ClientConn, CloseReason, RelaySettings};
-use crate::session::{Session, TokenCheck};
+use crate::session::{Session, TargetTicket, TokenCheck};
 use crate::tls::ReloadableTls;
 use crate::web::{self, Body, WebRoot, full};
 use crate::ws::{FrameReader, FrameWriter, ReadSide};
@@ -69,6 +69,7 @@ pub fn spawn_session_server(
         admission: Some(http::Admission {
             limits: Arc::clone(&ctx.limits),
             policy: Arc::clone(&ctx.access),
+            exempt_loopback: false,
         }),
     };
     let tracker = ctx.tracker.clone();
@@ -101,17 +102,26 @@ async fn handle(
     if wants_websocket(req.headers()) {
         return match accept_websocket(&mut req, peer, session, ctx) {
             Ok(response) => {
+                // The target generation is fixed when the token was good: a revocation
+                // between this answer and the relay's start still reaches this viewer.
+                let ticket = session.ticket();
                 let upgrade = hyper::upgrade::on(req);
                 ctx.tracker.spawn(serve_viewer(
                     upgrade,
                     peer,
                     conn.slot,
+                    ticket,
                     Arc::clone(session),
                     Arc::clone(ctx),
                 ));
                 response
             }
             Err(refusal) => {
+                if refusal.code == "origin_refused"
+                    && let Some(held_back) = ctx.access.origin_log.ready(ORIGIN_LOG_PERIOD)
+                {
+                    warn!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, held_back, reason = refusal.message, "websocket refused for its Origin (logged once a minute)");
+                }
                 // Debug, not info: a client hammering wrong tokens must not flood the log
                 // (the failed-token limit logs once per block at warn).
                 debug!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, code = refusal.code, reason = refusal.message, "websocket refused");
@@ -129,6 +139,30 @@ async fn handle(
     match req.uri().path() {
         "/session" => {
             let client = ctx.access.client(peer.addr.ip(), peer.tls, req.headers());
+            // Another site can make a browser fetch this (an <img>): it must not be able to
+            // spend the browser's failed-token budget and lock its user out.
+            let cross_site = req
+                .headers()
+                .get("sec-fetch-site")
+                .is_some_and(|v| v == "cross-site" || v == "same-site");
+            let origin = ctx
+                .access
+                .check_origin(&client, req.headers())
+                .and_then(|()| match query_param(req.uri().query(), "origin") {
+                    Some(o) => ctx.access.check_origin_value(&client, &decode_origin(o)),
+                    None => Ok(()),
+                });
+            if cross_site || origin.is_err() {
+                return Refusal {
+                    status: StatusCode::FORBIDDEN,
+                    code: "origin_refused",
+                    message: origin.err().unwrap_or_else(|| {
+                        "a page of another site may not query this console".into()
+                    }),
+                    retry_after: None,
+                }
+                .into_response();
+            }
             match check_token(req.uri().query(), &client.addr, session, ctx) {
                 Ok(()) => json_response(
                     StatusCode::OK,
@@ -139,6 +173,16 @@ async fn handle(
         }
         _ => web::serve(&ctx.web, &ctx.csp, req).await,
     }
+}
+
+/// Origin refusals are logged at warn at most this often.
+const ORIGIN_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// The page's `origin` parameter, percent-decoded (`https%3A%2F%2Fhost`).
+fn decode_origin(raw: &str) -> String {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// The token check of `/session` and of an upgrade: 429 while the client is over the
@@ -377,6 +421,7 @@ async fn serve_viewer(
     upgrade: hyper::upgrade::OnUpgrade,
     peer: Peer,
     slot: Option<Arc<ConnectionSlot>>,
+    ticket: TargetTicket,
     session: Arc<Session>,
     ctx: Arc<ServerContext>,
 ) {
@@ -407,7 +452,7 @@ async fn serve_viewer(
             // The fast path: the socket's halves, read in place when readable.
             let (r, w) = tcp.into_split();
             let reader = FrameReader::new(ReadSide::Tcp(r), leftover, relay::MAX_CLIENT_FRAME);
-            relay_viewer(reader, FrameWriter::new(w), peer, &session, &ctx).await;
+            relay_viewer(reader, FrameWriter::new(w), peer, ticket, &session, &ctx).await;
         }
         ClientStream::Tls(tls) => {
             let (r, w) = tokio::io::split(*tls);
@@ -416,7 +461,7 @@ async fn serve_viewer(
                 leftover,
                 relay::MAX_CLIENT_FRAME,
             );
-            relay_viewer(reader, FrameWriter::new(w), peer, &session, &ctx).await;
+            relay_viewer(reader, FrameWriter::new(w), peer, ticket, &session, &ctx).await;
         }
     }
 }
@@ -425,6 +470,7 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
     reader: FrameReader,
     writer: FrameWriter<W>,
     peer: Peer,
+    ticket: TargetTicket,
     session: &Arc<Session>,
     ctx: &ServerContext,
 ) {
@@ -434,7 +480,6 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
         client.close(&CloseReason::TooManyViewers).await;
         return;
     };
-    let ticket = session.ticket();
     let viewer = guard.viewer().id;
     info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, target = %ticket.target, tls = peer.tls, "viewer connected");
     let outcome = relay::run_relay(

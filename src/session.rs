@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -23,13 +23,28 @@ pub(crate) fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The wall clock as token lifetimes see it: the system time at the first call, moved on by
-/// tokio's clock since. Tests pause and advance tokio's clock to expire tokens; in the daemon
-/// it is the system time (give or take clock steps since start).
+/// The wall clock as token lifetimes see it: the system time, shifted by however far tokio's
+/// clock is from the real one. In the daemon the two are the same clock, so this is the
+/// system time; tests pause tokio's clock (time stands still) and advance it (tokens expire
+/// without waiting).
 pub fn wall_now() -> SystemTime {
-    static BASE: OnceLock<(SystemTime, tokio::time::Instant)> = OnceLock::new();
-    let (wall, mono) = *BASE.get_or_init(|| (SystemTime::now(), tokio::time::Instant::now()));
-    wall + tokio::time::Instant::now().saturating_duration_since(mono)
+    let tokio_now = tokio::time::Instant::now().into_std();
+    let real_now = std::time::Instant::now();
+    let system = SystemTime::now();
+    match tokio_now.checked_duration_since(real_now) {
+        Some(ahead) => system.checked_add(ahead).unwrap_or(system),
+        None => system
+            .checked_sub(real_now.duration_since(tokio_now))
+            .unwrap_or(system),
+    }
+}
+
+/// `t` without its fraction of a second.
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
 }
 
 /// A session's token and when it stops admitting new connections.
@@ -45,7 +60,9 @@ impl SessionToken {
     pub fn issue(ttl: Option<Duration>) -> SessionToken {
         SessionToken {
             value: new_token(),
-            expires_at: ttl.map(|ttl| wall_now() + ttl),
+            // Whole seconds, as the state file keeps it: a restart changes nothing. Config caps
+            // the TTL at ten years; an overflow would be a never-expiring token.
+            expires_at: ttl.and_then(|ttl| whole_seconds(wall_now()).checked_add(ttl)),
         }
     }
 
@@ -441,8 +458,15 @@ fn render_record(
     serde_json::to_vec(&record).unwrap_or_default().into()
 }
 
+/// RFC 3339 in UTC, whole seconds. humantime cannot write years past 9999; such a time (only
+/// from a hand-edited state file) is written as the latest it can.
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    use std::fmt::Write;
+    let mut out = String::new();
+    if write!(out, "{}", humantime::format_rfc3339_seconds(t)).is_err() {
+        out = "9999-12-31T23:59:59Z".into();
+    }
+    out
 }
 
 /// The Session object of the API.
@@ -494,7 +518,9 @@ mod tests {
         assert_eq!(s.check_token(&first.value), TokenCheck::Valid);
         assert_eq!(s.check_token("nope"), TokenCheck::Wrong);
         assert_eq!(s.check_token(""), TokenCheck::Wrong);
-        tokio::time::advance(Duration::from_secs(60)).await;
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(s.check_token(&first.value), TokenCheck::Valid);
+        tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(s.check_token(&first.value), TokenCheck::Expired);
         assert_eq!(
             s.check_token("nope"),

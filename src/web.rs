@@ -313,6 +313,32 @@ mod tests {
         assert_eq!(mime_for("noext"), "application/octet-stream");
     }
 
+    #[tokio::test]
+    async fn embedded_assets_are_served_without_a_copy_per_request() {
+        let csp = content_security_policy("'self'").expect("csp");
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let req = Request::get("/novnc/core/rfb.js")
+                .body(())
+                .expect("request");
+            let response = serve(&WebRoot::Bundled, &csp, req).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let frame = response
+                .into_body()
+                .frame()
+                .await
+                .expect("a frame")
+                .expect("no error");
+            let data = frame.into_data().expect("data");
+            assert!(data.len() > 50_000, "rfb.js is served whole");
+            seen.push(data.as_ptr());
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "both answers point at the binary's own bytes"
+        );
+    }
+
     #[test]
     fn the_bundled_page_and_novnc_are_embedded() {
         assert!(Page::get("vnc.html").is_some());

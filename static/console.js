@@ -42,7 +42,11 @@ function websocketUrl() {
 /** Why the daemon refused us, if it did: browsers report a refused upgrade only as 1006. */
 async function askSession() {
   try {
-    const response = await fetch(endpoint('session'), { cache: 'no-store' });
+    // Our origin goes along: browsers send none on a same-origin GET, and the daemon can then
+    // say when it would refuse this page's WebSocket for its Origin.
+    const url = endpoint('session');
+    url.searchParams.set('origin', location.origin);
+    const response = await fetch(url, { cache: 'no-store' });
     const body = await response.json().catch(() => ({}));
     if (response.ok) {
       return { ok: true, vmId: body.vm_id };
@@ -51,6 +55,9 @@ async function askSession() {
     const message = body.error && body.error.message ? body.error.message : `HTTP ${response.status}`;
     if (code === 'token_expired') {
       return { ok: false, final: true, why: 'This console link has expired: ask the platform for a new one' };
+    }
+    if (code === 'origin_refused') {
+      return { ok: false, final: true, why: `This page's origin is refused: ${message}` };
     }
     if (code === 'rate_limited') {
       return { ok: false, why: `Too many wrong tokens from this address: ${message}` };

@@ -259,6 +259,11 @@ async fn rotation_stops_the_old_token_at_once_and_disconnect_revokes_live_viewer
             .expect("connects");
         relays(&mut first).await;
 
+        assert_eq!(
+            session["token_expires_at"],
+            Value::Null,
+            "no --token-ttl: no expiry"
+        );
         let (status, rotated) = gate
             .call("POST", "/v1/sessions/vm-rotate/token", None)
             .await;
@@ -475,6 +480,15 @@ async fn the_api_needs_its_bearer_token_everywhere_but_healthz() {
             &[],
         );
         assert!(ok && out.starts_with("http://"), "{out} {err}");
+        let (ok, newer, err) = cli(
+            api,
+            &["rotate", "vm-auth", "--disconnect"],
+            &[("VNCGATE_API_TOKEN_FILE", &file_arg)],
+        );
+        assert!(
+            ok && newer.starts_with("http://") && newer != out,
+            "{newer} {err}"
+        );
 
         // SIGHUP re-reads the file: the new token works, the old one stops.
         std::fs::write(&token_file, "second-token-0123456789\n").expect("rewrite");
@@ -660,6 +674,25 @@ async fn the_api_refuses_cross_site_requests_and_rebound_host_names() {
             r.header("access-control-allow-methods")
                 .is_some_and(|m| m.contains("POST"))
         );
+        let refused_preflight = preflight.replace("http://ops.example:8080", "http://evil.example");
+        let r = raw::request(ME, api, &refused_preflight).await;
+        assert_eq!((r.status, r.code().as_str()), (403, "origin_refused"));
+        assert!(r.header("access-control-allow-origin").is_none());
+        // A cross-site read of the table (what CORS would hand the page) is refused too.
+        let r = raw::request(
+            ME,
+            api,
+            &api_request(
+                api,
+                "GET",
+                "/v1/sessions",
+                &["Origin: http://evil.example"],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 403);
+        assert!(!r.body.contains(&token_of(&legit)));
         assert_eq!(fake.accepted.load(Ordering::SeqCst), 0);
     })
     .await;
@@ -840,6 +873,42 @@ async fn pending_connections_never_take_a_viewer_slot() {
             close_of(CloseReason::TooManyViewers)
         );
         drop(idle);
+    })
+    .await;
+}
+
+/// Another site can make the user's browser fetch `/session` (an `<img>`): that must not spend
+/// the user's failed-token budget, and the page learns when its own origin would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_session_probes_cannot_lock_a_user_out() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start(2).await;
+        let session = gate.open_ok("vm-probe", &fake.target).await;
+        let (addr, token) = (port_of(&session), token_of(&session));
+        for i in 0..40 {
+            let probe = format!(
+                "GET /session?token=x{i} HTTP/1.1\r\nHost: {addr}\r\nSec-Fetch-Site: cross-site\r\n\r\n"
+            );
+            let r = raw::request(ME, addr, &probe).await;
+            assert_eq!((r.status, r.code().as_str()), (403, "origin_refused"));
+        }
+        let page = format!(
+            "GET /session?token={token}&origin=http%3A%2F%2F127.0.0.1%3A{} HTTP/1.1\r\nHost: {addr}\r\nSec-Fetch-Site: same-origin\r\n\r\n",
+            addr.port()
+        );
+        let r = raw::request(ME, addr, &page).await;
+        assert_eq!(r.status, 200, "the user is not locked out: {r:?}");
+        let mut ws = websocket_from(ME, session["ws_url"].as_str().expect("ws_url"), &[])
+            .await
+            .expect("connects");
+        relays(&mut ws).await;
+        let foreign = format!(
+            "GET /session?token={token}&origin=https%3A%2F%2Fvnc.example.com HTTP/1.1\r\nHost: {addr}\r\n\r\n"
+        );
+        let r = raw::request(ME, addr, &foreign).await;
+        assert_eq!((r.status, r.code().as_str()), (403, "origin_refused"), "{r:?}");
+        assert!(r.body.contains("--trusted-proxies"), "the page can say why: {}", r.body);
     })
     .await;
 }

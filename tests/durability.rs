@@ -486,8 +486,21 @@ async fn a_failed_state_write_fails_the_call_rolls_it_back_and_shows_in_status()
             (status, err["error"]["code"].as_str()),
             (500, Some("coordination_failed"))
         );
+        let (status, err) = gate
+            .call(
+                "POST",
+                "/v1/sessions/vm-kept/token",
+                Some(br#"{"disconnect": true}"#),
+            )
+            .await;
+        assert_eq!(
+            (status, err["error"]["code"].as_str()),
+            (500, Some("coordination_failed")),
+            "a rotation that cannot be written is rolled back"
+        );
         // Nothing changed for the session or its viewer.
         let (_, s) = gate.call("GET", "/v1/sessions/vm-kept", None).await;
+        assert_eq!(s["token"], kept["token"], "the old token still stands");
         assert_eq!(
             (s["target"].clone(), s["ws_port"].clone()),
             (kept["target"].clone(), kept["ws_port"].clone())

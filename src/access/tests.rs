@@ -17,6 +17,7 @@ fn policy(allowed: &str, proxies: &str) -> AccessPolicy {
         allowed_origins: parse_origins(allowed).expect("origins"),
         trusted_proxies: parse_cidrs(proxies).expect("cidrs"),
         failures: FailLimiter::new(3),
+        origin_log: Throttle::default(),
     }
 }
 
@@ -104,6 +105,26 @@ fn forwarded_headers_only_from_trusted_proxies() {
     let forged = headers(&[("x-forwarded-for", "10.9.9.9, 198.51.100.7")]);
     let c = p.client("127.0.0.3".parse().expect("ip"), false, &forged);
     assert_eq!(c.addr, "198.51.100.7".parse::<IpAddr>().expect("ip"));
+    // Proxies that append the client's port.
+    for (xff, want) in [
+        ("198.51.100.7:51234", "198.51.100.7"),
+        ("[2001:db8::7]:443", "2001:db8::7"),
+        ("[2001:db8::8]", "2001:db8::8"),
+    ] {
+        let c = p.client(
+            "127.0.0.3".parse().expect("ip"),
+            false,
+            &headers(&[("x-forwarded-for", xff)]),
+        );
+        assert_eq!(c.addr, want.parse::<IpAddr>().expect("ip"), "{xff}");
+    }
+    // An entry that is no address at all stops the walk at the last trusted hop.
+    let c = p.client(
+        "127.0.0.3".parse().expect("ip"),
+        false,
+        &headers(&[("x-forwarded-for", "unknown")]),
+    );
+    assert_eq!(c.addr, "127.0.0.3".parse::<IpAddr>().expect("ip"));
     // Mapped IPv4 peers are their IPv4 address.
     assert!(p.is_trusted_proxy("::ffff:127.0.0.3".parse().expect("ip")));
 }
@@ -147,6 +168,28 @@ async fn failed_tokens_block_a_client_for_a_window() {
     }
     assert_eq!(limiter.blocked(slow), None);
     assert!(FailLimiter::new(0).blocked(bad).is_none(), "0 is off");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_table_is_swept_and_bounded() {
+    let limiter = FailLimiter::new(3);
+    for i in 0..(FAIL_TABLE_SWEEP as u32 + 10) {
+        limiter.record_failure(IpAddr::from(i.to_be_bytes()));
+    }
+    assert!(limiter.table.len() <= FAIL_TABLE_SWEEP + 10);
+    tokio::time::advance(FAIL_WINDOW + Duration::from_secs(1)).await;
+    limiter.record_failure("10.9.9.9".parse().expect("ip"));
+    assert_eq!(limiter.table.len(), 1, "expired windows are swept out");
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_lines_count_what_they_held_back() {
+    let t = Throttle::default();
+    assert_eq!(t.ready(Duration::from_secs(60)), Some(0));
+    assert_eq!(t.ready(Duration::from_secs(60)), None);
+    assert_eq!(t.ready(Duration::from_secs(60)), None);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(t.ready(Duration::from_secs(60)), Some(2));
 }
 
 #[test]

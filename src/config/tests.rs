@@ -98,6 +98,10 @@ fn access_flags() {
             max_pending_per_ip: Some("0".into()),
             ..Default::default()
         },
+        ServeArgs {
+            token_ttl: Some("8000y".into()),
+            ..Default::default()
+        },
     ] {
         assert!(bad.resolve().is_err(), "{bad:?}");
     }

@@ -60,7 +60,6 @@ pub fn json_answer(head: &[u8]) -> Option<Vec<u8>> {
         431 => "request headers too large: at most 16 KiB and 100 header lines",
         414 => "request URI too long",
         505 => "HTTP version not supported: send HTTP/1.1",
-        408 => "the request did not arrive in time",
         _ => "malformed HTTP request: check the request line, the headers and Content-Length",
     };
     let body = serde_json::json!({ "error": { "code": "invalid_request", "message": message } })
