@@ -221,6 +221,13 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    pub const fn new() -> Throttle {
+        Throttle {
+            last: Mutex::new(None),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
     /// `Some(n)` when a line may be written now (`n` lines were held back since the last);
     /// `None` (and one more held back) otherwise.
     pub fn ready(&self, period: Duration) -> Option<u64> {
@@ -299,9 +306,12 @@ impl AccessPolicy {
     /// otherwise it must be the port's own origin (`client.scheme` + `client.host`) or one of
     /// `--allowed-origins`. `Origin: null` and anything unparsable are refused.
     pub fn check_origin(&self, client: &Client, headers: &HeaderMap) -> Result<(), String> {
-        match headers.get(header::ORIGIN) {
-            None => Ok(()),
-            Some(raw) => self.check_origin_value(client, raw.to_str().unwrap_or("")),
+        let mut all = headers.get_all(header::ORIGIN).iter();
+        match (all.next(), all.next()) {
+            (None, _) => Ok(()),
+            (Some(raw), None) => self.check_origin_value(client, raw.to_str().unwrap_or("")),
+            // A browser sends one; two can only be an attempt to have a proxy and us disagree.
+            (Some(_), Some(_)) => Err("more than one Origin header".into()),
         }
     }
 
@@ -363,6 +373,8 @@ pub struct FailLimiter {
     table: DashMap<ClientKey, FailWindow>,
     /// When the table was last swept of expired windows.
     last_sweep: Mutex<Option<Instant>>,
+    /// Blocks are logged once a minute, with the count in between.
+    block_log: Throttle,
     /// Requests refused with 429 since start (for status and tests).
     refused: AtomicU64,
 }
@@ -374,6 +386,7 @@ impl FailLimiter {
             limit,
             table: DashMap::new(),
             last_sweep: Mutex::new(None),
+            block_log: Throttle::new(),
             refused: AtomicU64::new(0),
         }
     }
@@ -423,12 +436,16 @@ impl FailLimiter {
         window.failures += 1;
         if window.failures >= self.limit && window.blocked_until.is_none() {
             window.blocked_until = Some(now + FAIL_WINDOW);
-            warn!(
-                client = %key,
-                failures = window.failures,
-                blocked_s = FAIL_WINDOW.as_secs(),
-                "too many wrong console tokens: client refused with 429 for a while (--auth-fail-limit)"
-            );
+            // Once a minute for all clients together: many addresses must not mean many lines.
+            if let Some(held_back) = self.block_log.ready(FAIL_WINDOW) {
+                warn!(
+                    client = %key,
+                    failures = window.failures,
+                    blocked_s = FAIL_WINDOW.as_secs(),
+                    other_clients_blocked = held_back,
+                    "too many wrong console tokens: client refused with 429 for a while (--auth-fail-limit; logged once a minute)"
+                );
+            }
         }
     }
 
@@ -606,11 +623,11 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Connections to the control API from other hosts, at most (loopback is never capped, so an
-/// operator on the host always gets in): a non-loopback API must not be a way to exhaust the
-/// daemon's descriptors.
+/// Connections to the control API, at most (what `--max-connections`' default leaves aside):
+/// the API must not be a way to exhaust the daemon's descriptors, from any address.
 pub const API_MAX_CONNECTIONS: usize = 256;
-/// Connections to the control API per client address (other than loopback), at most.
+/// Connections to the control API per client address, at most; loopback is not held to it
+/// (every local client is some 127.0.0.x, and operators on the host must get in).
 pub const API_MAX_PER_ADDRESS: usize = 64;
 
 /// `--max-connections` when unset: half of what the open-files limit leaves after the pool's
@@ -751,6 +768,14 @@ impl ApiGuard {
         preflight: bool,
         headers: &HeaderMap,
     ) -> Result<(), ApiRefusal> {
+        if headers.get_all(header::HOST).iter().count() > 1 {
+            return Err(ApiRefusal {
+                status: 403,
+                code: "host_refused",
+                message: "more than one Host header".into(),
+                authenticate: None,
+            });
+        }
         if let Some(host) = headers.get(header::HOST) {
             let text = host.to_str().unwrap_or("");
             let name = split_authority(text).map(|(h, _)| h);
@@ -770,9 +795,10 @@ impl ApiGuard {
                 });
             }
         }
+        let origins = headers.get_all(header::ORIGIN).iter().count();
         if let Some(origin) = headers.get(header::ORIGIN) {
             let text = origin.to_str().unwrap_or("");
-            if !self.origin_allowed(text) {
+            if origins > 1 || !self.origin_allowed(text) {
                 return Err(ApiRefusal {
                     status: 403,
                     code: "origin_refused",

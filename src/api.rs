@@ -231,6 +231,12 @@ fn parse_open(body: Result<Bytes, BytesRejection>) -> Result<OpenRequest, ApiErr
             ApiError::invalid(format!("cannot read the request body: {rejection}"))
         }
     })?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        // serde would fill the struct from an array: the contract is an object.
+        return Err(ApiError::invalid(
+            "request body is a JSON array; expected an object: {\"vm_id\": \"...\", \"target\": \"host:port\"}",
+        ));
+    }
     serde_json::from_slice(&body).map_err(|err| {
         use serde_json::error::Category;
         match err.classify() {
@@ -358,6 +364,10 @@ async fn rotate_token(
     let body = body.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}")))?;
     let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RotateRequest::default()
+    } else if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::invalid(
+            "request body is a JSON array; send an object such as {\"disconnect\": true}, or nothing",
+        ));
     } else {
         serde_json::from_slice(&body).map_err(|err| {
             ApiError::invalid(format!(

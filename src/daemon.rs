@@ -203,15 +203,15 @@ impl Daemon {
                 stop: root.clone(),
                 tracker: tracker.clone(),
                 span: tracing::info_span!("api"),
-                // Outside --max-connections, with small caps of its own for other hosts;
-                // loopback is never capped, so an operator on the host gets in under attack.
+                // Outside --max-connections, with caps of its own (what that cap's default
+                // leaves aside), so no address can exhaust the daemon's descriptors through it.
                 admission: Some(http::Admission {
                     limits: ConnectionLimits::new(
                         access::API_MAX_CONNECTIONS,
                         access::API_MAX_PER_ADDRESS,
                     ),
                     policy: Arc::clone(&ctx_access),
-                    exempt_loopback: true,
+                    loopback_uncapped_per_address: true,
                 }),
             },
             app,

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, debug, warn};
 
-use crate::access::{AccessPolicy, ConnectionLimits, ConnectionSlot};
+use crate::access::{AccessPolicy, ConnectionLimits, ConnectionSlot, Throttle};
 use crate::tls::ReloadableTls;
 
 mod refusals;
@@ -45,6 +45,9 @@ pub const MAX_HEADERS: usize = 100;
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a connection may take to finish the response in hand when its listener stops.
 pub const HTTP_DRAIN: Duration = Duration::from_secs(1);
+
+/// Accept failures (EMFILE, ...) of every listener, logged together.
+static ACCEPT_ERRORS: Throttle = Throttle::new();
 
 /// The first byte of a TLS record carrying a handshake (RFC 8446 section 5.1, content type 22).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -331,8 +334,9 @@ pub struct Admission {
     pub limits: Arc<ConnectionLimits>,
     /// Trusted proxies are exempt from the per-address pending cap.
     pub policy: Arc<AccessPolicy>,
-    /// Loopback peers pass uncounted (the API: an operator on the host always gets in).
-    pub exempt_loopback: bool,
+    /// Loopback peers are not held to the per-address cap (the API: every local client is
+    /// some 127.0.0.x, and an operator on the host must get in); they count in the total.
+    pub loopback_uncapped_per_address: bool,
 }
 
 /// A served connection: who it is, and its place under the caps (session ports; the viewer
@@ -367,9 +371,9 @@ where
                     Ok((stream, addr)) => {
                         let slot = match &listener.admission {
                             None => None,
-                            Some(a) if a.exempt_loopback && addr.ip().is_loopback() => None,
                             Some(a) => {
-                                let exempt = a.policy.is_trusted_proxy(addr.ip());
+                                let exempt = a.policy.is_trusted_proxy(addr.ip())
+                                    || (a.loopback_uncapped_per_address && addr.ip().is_loopback());
                                 match a.limits.admit(addr.ip(), exempt) {
                                     Ok(slot) => Some(Arc::new(slot)),
                                     // Closed at accept: no task, no buffer, counted and
@@ -389,7 +393,11 @@ where
                         listener.tracker.spawn(conn.instrument(Span::current()));
                     }
                     Err(err) => {
-                        warn!(%err, "accept failed; backing off");
+                        // Once a minute across all listeners: at the descriptor limit every
+                        // port fails at once, ten times a second.
+                        if let Some(held_back) = ACCEPT_ERRORS.ready(Duration::from_secs(60)) {
+                            warn!(%err, held_back, "accept failed; backing off (logged once a minute)");
+                        }
                         tokio::select! {
                             _ = listener.stop.cancelled() => break,
                             _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}

@@ -69,7 +69,7 @@ pub fn spawn_session_server(
         admission: Some(http::Admission {
             limits: Arc::clone(&ctx.limits),
             policy: Arc::clone(&ctx.access),
-            exempt_loopback: false,
+            loopback_uncapped_per_address: false,
         }),
     };
     let tracker = ctx.tracker.clone();

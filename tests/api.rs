@@ -244,6 +244,15 @@ async fn unparsable_requests_get_the_json_error_object() {
                 assert_eq!(r.header("content-type").as_deref(), Some("application/json"));
             }
         }
+        // serde would fill the struct from an array; the contract is an object.
+        let (status, body) = gate
+            .call("POST", "/v1/sessions", Some(br#"["vm-array", "127.0.0.1:5999"]"#))
+            .await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")));
+        let (status, _) = gate
+            .call("POST", "/v1/sessions/vm-garbage/token", Some(b"[true]"))
+            .await;
+        assert_eq!(status, 400);
         assert_eq!(gate.status().await["active_sessions"], 1, "nothing else disturbed");
     })
     .await;

@@ -282,6 +282,17 @@ fn api_host_and_origin_checks() {
         );
     }
     assert_eq!(code(&[("origin", "https://ops.example")]), None);
+    assert_eq!(
+        code(&[("host", "127.0.0.1"), ("host", "evil.example")]),
+        Some("host_refused")
+    );
+    assert_eq!(
+        code(&[
+            ("origin", "https://ops.example"),
+            ("origin", "http://evil.example")
+        ]),
+        Some("origin_refused")
+    );
     for refused in ["http://evil.example", "null", "https://ops.example:8443"] {
         assert_eq!(
             code(&[("origin", refused)]),
