@@ -501,18 +501,8 @@ async fn accept_tls(
         answer_plain_http(stream).await;
         return Err(HandshakeError::PlainHttp);
     }
-    let mut stream = tls.acceptor().accept(stream).await?;
-    // rustls takes at most its buffer limit (64 KiB by default) per write: a relay frame of
-    // up to 256 KiB would cost four trips through the write path and four writev calls. With
-    // room for a whole frame it is sealed and handed to the socket in one. The buffer only
-    // holds what the socket has not taken yet, and drains (and frees) as it does.
-    stream.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
-    Ok(stream)
+    Ok(tls.acceptor().accept(stream).await?)
 }
-
-/// rustls's limit on sealed bytes waiting for the socket: one whole relay frame with its
-/// header and the records' overhead.
-const TLS_WRITE_BUFFER: usize = crate::relay::MAX_READ + 16 * 1024;
 
 /// Sends [`PLAIN_ON_TLS`] and closes. What the client sent is read first, so the close is a
 /// FIN the client can read the answer before, not a reset.
