@@ -65,7 +65,9 @@ impl From<SessionError> for ApiError {
                 "allocation_failed",
                 message,
             ),
-            SessionError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+            SessionError::NotFound(_) | SessionError::ViewerNotFound { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
             SessionError::Coordination(_) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "coordination_failed",
@@ -187,6 +189,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/sessions/{vm_id}/token",
             axum::routing::post(rotate_token),
+        )
+        .route(
+            "/v1/sessions/{vm_id}/viewers/{viewer_id}",
+            axum::routing::delete(kick_viewer),
         )
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
@@ -381,6 +387,17 @@ async fn rotate_token(
         .await?;
     let info = session.info(&url_host(&state, &headers), state.registry.url_style());
     Ok(Json(info).into_response())
+}
+
+async fn kick_viewer(
+    State(state): State<ApiState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let (vm_id, viewer) = path
+        .map(|Path(p)| p)
+        .map_err(|err| ApiError::invalid(format!("bad path: {err}")))?;
+    state.registry.kick(&vm_id, &viewer)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1/status`.

@@ -253,6 +253,17 @@ impl ApiClient {
             })
     }
 
+    /// `vncgate kick`: disconnects one viewer (1008 `disconnected by operator`).
+    pub async fn kick(&self, vm_id: &str, viewer_id: &str) -> Result<String, ClientError> {
+        let path = format!(
+            "/v1/sessions/{}/viewers/{}",
+            encode_path_segment(vm_id),
+            encode_path_segment(viewer_id)
+        );
+        self.call(Method::DELETE, &path, None).await?;
+        Ok(format!("disconnected viewer {viewer_id} of {vm_id}"))
+    }
+
     /// `vncgate close`.
     pub async fn close(&self, vm_id: &str) -> Result<String, ClientError> {
         let path = format!("/v1/sessions/{}", encode_path_segment(vm_id));

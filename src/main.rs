@@ -60,6 +60,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Disconnect one viewer of a VM's console (ids are in `vncgate list --json`)
+    Kick { vm_id: String, viewer_id: String },
     /// Issue a new token for a VM's console (the old link stops working); prints the new url
     Rotate {
         vm_id: String,
@@ -104,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return serve(&args).await;
         }
         Command::Rotate { vm_id, disconnect } => client()?.rotate(vm_id, *disconnect).await?,
+        Command::Kick { vm_id, viewer_id } => client()?.kick(vm_id, viewer_id).await?,
         Command::Open {
             vm_id,
             target,

@@ -33,6 +33,8 @@ pub enum SessionError {
     Listener { port: u16, source: std::io::Error },
     #[error("no session for vm_id {0:?}")]
     NotFound(String),
+    #[error("session {vm_id:?} has no live viewer {viewer} (see its \"viewers\")")]
+    ViewerNotFound { vm_id: String, viewer: String },
     #[error("{0}; the change was rolled back")]
     Coordination(CommitError),
 }
@@ -306,6 +308,29 @@ impl SessionRegistry {
             "session token rotated"
         );
         Ok(session)
+    }
+
+    /// Disconnects one viewer of `vm_id` (`DELETE /v1/sessions/{vm_id}/viewers/{viewer_id}`):
+    /// it gets 1008 `disconnected by operator`; the session and its other viewers stay.
+    pub fn kick(&self, vm_id: &str, viewer: &str) -> Result<(), SessionError> {
+        let session = self
+            .get(vm_id)
+            .ok_or_else(|| SessionError::NotFound(vm_id.to_owned()))?;
+        let not_found = || SessionError::ViewerNotFound {
+            vm_id: vm_id.to_owned(),
+            viewer: viewer.to_owned(),
+        };
+        let id: u64 = viewer.parse().map_err(|_| not_found())?;
+        if !session.kick(id) {
+            return Err(not_found());
+        }
+        info!(
+            vm_id,
+            port = session.port,
+            viewer = id,
+            "viewer disconnected by operator"
+        );
+        Ok(())
     }
 
     /// Runs a change on its own tracked task: it finishes (written, or rolled back) even when

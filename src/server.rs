@@ -475,7 +475,7 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
     ctx: &ServerContext,
 ) {
     let mut client = ClientConn { reader, writer };
-    let Some(guard) = session.add_viewer(peer.addr, ctx.max_viewers) else {
+    let Some(guard) = session.add_viewer(peer.addr, ctx.max_viewers, &ticket) else {
         info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, "viewer refused: too many viewers");
         client.close(&CloseReason::TooManyViewers).await;
         return;
@@ -485,8 +485,14 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
     let outcome = relay::run_relay(
         client,
         &ticket.target,
-        &ticket.cancel,
-        || session.cancel_reason(ticket.generation),
+        &guard.viewer().cancel,
+        || {
+            if guard.viewer().was_kicked() {
+                CloseReason::DisconnectedByOperator
+            } else {
+                session.cancel_reason(ticket.generation)
+            }
+        },
         &guard.viewer().traffic,
         ctx.relay,
     )

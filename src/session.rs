@@ -96,6 +96,17 @@ pub struct Viewer {
     pub peer: SocketAddr,
     pub started_at: SystemTime,
     pub traffic: Traffic,
+    /// Ends this viewer's relay alone; a child of its target generation's token.
+    pub cancel: CancellationToken,
+    /// Set when an operator disconnected it (1008 `disconnected by operator`).
+    kicked: AtomicBool,
+}
+
+impl Viewer {
+    /// Whether [`Session::kick`] ended this viewer.
+    pub fn was_kicked(&self) -> bool {
+        self.kicked.load(Ordering::SeqCst)
+    }
 }
 
 /// Removes its viewer from the session when the connection ends, keeping its byte counts.
@@ -294,8 +305,13 @@ impl Session {
         }
     }
 
-    /// Registers a viewer unless `cap` viewers are live already.
-    pub fn add_viewer(self: &Arc<Self>, peer: SocketAddr, cap: usize) -> Option<ViewerGuard> {
+    /// Registers a viewer of target generation `ticket` unless `cap` viewers are live already.
+    pub fn add_viewer(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        cap: usize,
+        ticket: &TargetTicket,
+    ) -> Option<ViewerGuard> {
         let mut viewers = lock(&self.viewers);
         if viewers.len() >= cap {
             return None;
@@ -305,12 +321,25 @@ impl Session {
             peer,
             started_at: SystemTime::now(),
             traffic: Traffic::default(),
+            cancel: ticket.cancel.child_token(),
+            kicked: AtomicBool::new(false),
         });
         viewers.insert(viewer.id, Arc::clone(&viewer));
         Some(ViewerGuard {
             session: Arc::clone(self),
             viewer,
         })
+    }
+
+    /// Disconnects one live viewer (1008 `disconnected by operator`); false when no viewer has
+    /// that id. The session and its other viewers are untouched.
+    pub fn kick(&self, viewer_id: u64) -> bool {
+        let Some(viewer) = lock(&self.viewers).get(&viewer_id).cloned() else {
+            return false;
+        };
+        viewer.kicked.store(true, Ordering::SeqCst);
+        viewer.cancel.cancel();
+        true
     }
 
     pub fn viewer_count(&self) -> usize {

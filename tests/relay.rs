@@ -466,6 +466,90 @@ async fn viewer_cap_closes_extra_viewers_with_1013() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_disconnects_one_viewer_and_the_others_stay() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = TestGate::start(2).await;
+        let session = gate.open_ok("vm-kick", &fake.target).await;
+        let url = session["ws_url"].as_str().expect("ws_url");
+        let mut first = connect(url).await;
+        let mut second = connect(url).await;
+        first.next().await.expect("greeting").expect("ok");
+        second.next().await.expect("greeting").expect("ok");
+        let (_, info) = gate.call("GET", "/v1/sessions/vm-kick", None).await;
+        let ids: Vec<u64> = info["viewers"]
+            .as_array()
+            .expect("viewers")
+            .iter()
+            .filter_map(|v| v["id"].as_u64())
+            .collect();
+        assert_eq!(ids.len(), 2, "{info}");
+        let (status, _) = gate
+            .call(
+                "DELETE",
+                &format!("/v1/sessions/vm-kick/viewers/{}", ids[0]),
+                None,
+            )
+            .await;
+        assert_eq!(status, 204);
+        let (frame, took) = next_close(&mut first, Duration::from_secs(5)).await;
+        assert_eq!(
+            code_and_reason(&frame),
+            close_of(CloseReason::DisconnectedByOperator)
+        );
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        second
+            .send(Message::binary(b"still here".to_vec()))
+            .await
+            .expect("send");
+        loop {
+            match second.next().await.expect("frame").expect("ok") {
+                Message::Binary(b) => {
+                    assert_eq!(b.as_ref(), b"still here");
+                    break;
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        for path in [
+            format!("/v1/sessions/vm-kick/viewers/{}", ids[0]),
+            "/v1/sessions/vm-kick/viewers/999".to_owned(),
+            "/v1/sessions/vm-kick/viewers/not-a-number".to_owned(),
+            format!("/v1/sessions/no-such-vm/viewers/{}", ids[1]),
+        ] {
+            let (status, body) = gate.call("DELETE", &path, None).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (404, Some("not_found")),
+                "{path}"
+            );
+        }
+        let (_, info) = gate.call("GET", "/v1/sessions/vm-kick", None).await;
+        assert_eq!(info["connections"], 1);
+        assert_eq!(info["viewers"][0]["id"].as_u64(), Some(ids[1]));
+        // The same from the CLI.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+            .args(["--api", &format!("http://{}", gate.api), "kick", "vm-kick"])
+            .arg(ids[1].to_string())
+            .env_remove("VNCGATE_API_TOKEN")
+            .output()
+            .expect("vncgate kick");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (frame, _) = next_close(&mut second, Duration::from_secs(5)).await;
+        assert_eq!(
+            code_and_reason(&frame),
+            close_of(CloseReason::DisconnectedByOperator)
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn shutdown_closes_viewers_with_1001_restarting() {
     bounded(Duration::from_secs(30), async {
