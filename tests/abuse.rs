@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::raw::{self, connect_from, upgrade_request, websocket_from};
-use common::{DaemonProcess, FakeVnc, GREETING, Mode, bounded, fd_count, fd_list, rss_kib};
+use common::{
+    DaemonProcess, FakeVnc, GREETING, Mode, bounded, fd_count, fd_list, peak_rss_kib, rss_kib,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -22,16 +24,6 @@ const VIEWER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const GUESSER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
 /// Of each kind of hostile connection, per round.
 const EACH: usize = 500;
-
-/// Peak resident set of process `pid` (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 /// 500 silent, 500 trickling and 500 asset-never-read connections from `from`; they stay
 /// until the returned set is dropped (or the daemon closes them).

@@ -406,6 +406,11 @@ fn api_request(api: SocketAddr, method: &str, path: &str, extra: &[&str], body: 
     r
 }
 
+/// `GET path` on the API with `extra` header lines.
+async fn api_get(api: SocketAddr, path: &str, extra: &[&str]) -> RawResponse {
+    raw::request(ME, api, &api_request(api, "GET", path, extra, "")).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_needs_its_bearer_token_everywhere_but_healthz() {
     bounded(Duration::from_secs(60), async {
@@ -447,7 +452,7 @@ async fn the_api_needs_its_bearer_token_everywhere_but_healthz() {
                     .is_some_and(|v| v.contains("invalid_token"))
             );
         }
-        let healthz = raw::request(ME, api, &api_request(api, "GET", "/healthz", &[], "")).await;
+        let healthz = api_get(api, "/healthz", &[]).await;
         assert_eq!(healthz.status, 200);
         let auth = "Authorization: Bearer first-token-0123456789";
         let r = raw::request(
@@ -457,12 +462,7 @@ async fn the_api_needs_its_bearer_token_everywhere_but_healthz() {
         )
         .await;
         assert_eq!(r.status, 201, "{r:?}");
-        let r = raw::request(
-            ME,
-            api,
-            &api_request(api, "GET", "/no/such/route", &[auth], ""),
-        )
-        .await;
+        let r = api_get(api, "/no/such/route", &[auth]).await;
         assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
 
         // The CLI: VNCGATE_API_TOKEN or --api-token-file.
@@ -500,16 +500,10 @@ async fn the_api_needs_its_bearer_token_everywhere_but_healthz() {
         let mut switched = false;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::time::Instant::now() < deadline {
-            let r = raw::request(
-                ME,
+            let r = api_get(
                 api,
-                &api_request(
-                    api,
-                    "GET",
-                    "/v1/status",
-                    &["Authorization: Bearer second-token-0123456789"],
-                    "",
-                ),
+                "/v1/status",
+                &["Authorization: Bearer second-token-0123456789"],
             )
             .await;
             if r.status == 200 {
@@ -519,7 +513,7 @@ async fn the_api_needs_its_bearer_token_everywhere_but_healthz() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(switched, "the reloaded token was not taken within 10 s");
-        let r = raw::request(ME, api, &api_request(api, "GET", "/v1/status", &[auth], "")).await;
+        let r = api_get(api, "/v1/status", &[auth]).await;
         assert_eq!(r.status, 401, "the old token stops at the reload");
         // A file that cannot be used keeps the token in use, and says so in status.
         std::fs::write(&token_file, "\n").expect("empty");
@@ -531,12 +525,7 @@ async fn the_api_needs_its_bearer_token_everywhere_but_healthz() {
         let mut warned = Value::Null;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::time::Instant::now() < deadline {
-            let r = raw::request(
-                ME,
-                api,
-                &api_request(api, "GET", "/v1/status", &[second], ""),
-            )
-            .await;
+            let r = api_get(api, "/v1/status", &[second]).await;
             assert_eq!(r.status, 200, "the previous token still works");
             let status: Value = serde_json::from_str(&r.body).expect("json");
             if status["warnings"]
@@ -640,18 +629,7 @@ async fn the_api_refuses_cross_site_requests_and_rebound_host_names() {
                 .replace(&format!("Host: {api}"), &format!("Host: {host}"));
             assert_eq!(raw::request(ME, api, &req).await.status, 200, "{host}");
         }
-        let r = raw::request(
-            ME,
-            api,
-            &api_request(
-                api,
-                "GET",
-                "/v1/sessions",
-                &["Origin: http://ops.example:8080"],
-                "",
-            ),
-        )
-        .await;
+        let r = api_get(api, "/v1/sessions", &["Origin: http://ops.example:8080"]).await;
         assert_eq!(r.status, 200);
         assert_eq!(
             r.header("access-control-allow-origin").as_deref(),
@@ -679,18 +657,7 @@ async fn the_api_refuses_cross_site_requests_and_rebound_host_names() {
         assert_eq!((r.status, r.code().as_str()), (403, "origin_refused"));
         assert!(r.header("access-control-allow-origin").is_none());
         // A cross-site read of the table (what CORS would hand the page) is refused too.
-        let r = raw::request(
-            ME,
-            api,
-            &api_request(
-                api,
-                "GET",
-                "/v1/sessions",
-                &["Origin: http://evil.example"],
-                "",
-            ),
-        )
-        .await;
+        let r = api_get(api, "/v1/sessions", &["Origin: http://evil.example"]).await;
         assert_eq!(r.status, 403);
         assert!(!r.body.contains(&token_of(&legit)));
         assert_eq!(fake.accepted.load(Ordering::SeqCst), 0);
