@@ -91,6 +91,8 @@ pub struct ApiState {
     pub guard: Arc<ApiGuard>,
     /// The session ports' connection caps, for status.
     pub limits: Arc<ConnectionLimits>,
+    /// The cleanup pass (`POST /v1/cleanup`, `last_cleanup` in status).
+    pub cleanup: Arc<crate::cleanup::Cleanup>,
 }
 
 /// Serves the API on `listener` until its `stop`: the one accept loop of [`crate::http`], each
@@ -195,6 +197,7 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(kick_viewer),
         )
         .route("/v1/status", get(status))
+        .route("/v1/cleanup", axum::routing::post(cleanup))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -415,6 +418,30 @@ pub struct Status {
     pub state: StateStatus,
     /// Client connections of the session ports and what the abuse limits refused.
     pub connections: ConnectionStatus,
+    /// The last cleanup pass (null before the first).
+    pub last_cleanup: Option<LastCleanup>,
+}
+
+/// `last_cleanup` of status.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LastCleanup {
+    /// When the pass ended (RFC 3339).
+    pub time: String,
+    pub checked: usize,
+    pub closed: usize,
+}
+
+/// `POST /v1/cleanup`: runs a pass now (or waits for the running one) and reports it.
+async fn cleanup(
+    State(state): State<ApiState>,
+) -> Result<Json<crate::cleanup::CleanupReport>, ApiError> {
+    let cleanup = Arc::clone(&state.cleanup);
+    // On its own task: the pass finishes even if the client hangs up.
+    let report = state
+        .registry
+        .run_to_end(|_| async move { Ok(cleanup.run().await) })
+        .await?;
+    Ok(Json(report))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -495,6 +522,11 @@ async fn status(State(state): State<ApiState>) -> Json<Status> {
         warnings,
         uptime_s: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").into(),
+        last_cleanup: state.cleanup.last_report().map(|r| LastCleanup {
+            time: r.finished_at,
+            checked: r.checked,
+            closed: r.closed.len(),
+        }),
         connections: ConnectionStatus {
             open: state.limits.open(),
             refused_max_connections,

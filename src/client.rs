@@ -253,6 +253,32 @@ impl ApiClient {
             })
     }
 
+    /// `vncgate cleanup`: runs a cleanup pass now and says what it closed.
+    pub async fn cleanup(&self, json: bool) -> Result<String, ClientError> {
+        let (_, report) = self.call(Method::POST, "/v1/cleanup", None).await?;
+        if json {
+            return Ok(pretty(&report));
+        }
+        let empty = Vec::new();
+        let closed = report["closed"].as_array().unwrap_or(&empty);
+        let mut out = format!(
+            "checked {} session(s) without viewers in {} ms; closed {}",
+            report["checked"],
+            report["duration_ms"],
+            closed.len()
+        );
+        for c in closed {
+            out.push_str(&format!(
+                "\n  {} ({}): {}, failing since {}",
+                text(&c["vm_id"]),
+                text(&c["target"]),
+                text(&c["reason"]),
+                text(&c["failing_since"])
+            ));
+        }
+        Ok(out)
+    }
+
     /// `vncgate kick`: disconnects one viewer (1008 `disconnected by operator`).
     pub async fn kick(&self, vm_id: &str, viewer_id: &str) -> Result<String, ClientError> {
         let path = format!(

@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_SESSIONS: usize = 800;
 /// Under the 60 s idle timeout of common reverse proxies, with room for two missed pongs.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_MAX_CONNECTIONS_PER_SESSION: usize = 8;
+/// `--cleanup-interval` default.
+pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
+/// `--stale-after` default.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(300);
 /// The longest `--token-ttl`: ten years (expiry times stay writable as RFC 3339).
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 /// Failed token checks per client address per minute before 429 (`--auth-fail-limit`).
@@ -87,6 +91,10 @@ pub struct Config {
     pub api_hosts: Vec<String>,
     /// `--frame-ancestors`: CSP source list of who may frame the console page.
     pub frame_ancestors: String,
+    /// `--cleanup-interval`: how often the cleanup pass runs; `None` is off.
+    pub cleanup_interval: Option<Duration>,
+    /// `--stale-after`: a target failing every check this long has its session closed.
+    pub stale_after: Duration,
 }
 
 impl Default for Config {
@@ -116,6 +124,8 @@ impl Default for Config {
             api_allowed_origins: Vec::new(),
             api_hosts: Vec::new(),
             frame_ancestors: "'self'".into(),
+            cleanup_interval: Some(DEFAULT_CLEANUP_INTERVAL),
+            stale_after: DEFAULT_STALE_AFTER,
         }
     }
 }
@@ -232,6 +242,12 @@ pub struct ServeArgs {
     /// CSP frame-ancestors of the console page, e.g. "'self' https://platform.example" [default: 'self']
     #[arg(long, env = "VNCGATE_FRAME_ANCESTORS")]
     pub frame_ancestors: Option<String>,
+    /// How often the cleanup pass checks idle sessions' targets, or off [default: 30s]
+    #[arg(long, env = "VNCGATE_CLEANUP_INTERVAL")]
+    pub cleanup_interval: Option<String>,
+    /// Close a session without viewers whose target failed every check this long [default: 300s]
+    #[arg(long, env = "VNCGATE_STALE_AFTER")]
+    pub stale_after: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -287,6 +303,10 @@ struct FileConfig {
     api_hosts: Option<String>,
     #[serde(alias = "frame_ancestors")]
     frame_ancestors: Option<String>,
+    #[serde(alias = "cleanup_interval")]
+    cleanup_interval: Option<String>,
+    #[serde(alias = "stale_after")]
+    stale_after: Option<String>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -441,6 +461,18 @@ impl ServeArgs {
             crate::web::content_security_policy(&v)
                 .map_err(|e| invalid("--frame-ancestors", &v, e))?;
             config.frame_ancestors = v.trim().to_owned();
+        }
+        if let Some(v) = pick(&self.cleanup_interval, file.cleanup_interval) {
+            config.cleanup_interval = parse_duration("--cleanup-interval", &v)?;
+        }
+        if let Some(v) = pick(&self.stale_after, file.stale_after) {
+            config.stale_after = parse_duration("--stale-after", &v)?.ok_or_else(|| {
+                invalid(
+                    "--stale-after",
+                    &v,
+                    "must be a positive duration such as 300s",
+                )
+            })?;
         }
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)

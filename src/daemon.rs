@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::access::{self, AccessPolicy, ApiGuard, ConnectionLimits, FailLimiter, TokenFileError};
 use crate::api::{self, ApiState};
+use crate::cleanup::Cleanup;
 use crate::config::Config;
 use crate::http;
 use crate::pool::{self, PortPool};
@@ -187,6 +188,10 @@ impl Daemon {
                 source,
             })?;
         let api_addr = listener.local_addr().unwrap_or(config.api_listen);
+        let cleanup = Cleanup::new(Arc::clone(&registry), config.stale_after);
+        if let Some(interval) = config.cleanup_interval {
+            tracker.spawn(Arc::clone(&cleanup).run_every(interval, root.clone()));
+        }
         let app = api::router(ApiState {
             registry: Arc::clone(&registry),
             public_host: config.public_host.clone(),
@@ -195,6 +200,7 @@ impl Daemon {
             api_tls: api_tls.clone(),
             guard: Arc::clone(&api_guard),
             limits: Arc::clone(&limits),
+            cleanup: Arc::clone(&cleanup),
         });
         tracker.spawn(api::serve(
             http::Listener {

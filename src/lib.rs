@@ -21,6 +21,7 @@
 
 pub mod access;
 pub mod api;
+pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -60,6 +60,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a cleanup pass now: close sessions without viewers whose VNC server is gone
+    Cleanup {
+        #[arg(long)]
+        json: bool,
+    },
     /// Disconnect one viewer of a VM's console (ids are in `vncgate list --json`)
     Kick { vm_id: String, viewer_id: String },
     /// Issue a new token for a VM's console (the old link stops working); prints the new url
@@ -107,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rotate { vm_id, disconnect } => client()?.rotate(vm_id, *disconnect).await?,
         Command::Kick { vm_id, viewer_id } => client()?.kick(vm_id, viewer_id).await?,
+        Command::Cleanup { json } => client()?.cleanup(*json).await?,
         Command::Open {
             vm_id,
             target,

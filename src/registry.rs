@@ -378,11 +378,30 @@ impl SessionRegistry {
     /// Closes the session once its removal is on disk: live viewers get 1001 `session
     /// closed`, and the port is back in the pool (bindable again) when this returns.
     pub async fn close(&self, vm_id: &str) -> Result<(), SessionError> {
+        if self.close_if(vm_id, |_| true).await? {
+            Ok(())
+        } else {
+            Err(SessionError::NotFound(vm_id.to_owned()))
+        }
+    }
+
+    /// [`SessionRegistry::close`] when `still` holds for the session once its vm_id is locked
+    /// (cleanup: no viewer connected meanwhile). `Ok(false)`: no session, or `still` said no.
+    pub async fn close_if(
+        &self,
+        vm_id: &str,
+        still: impl FnOnce(&Session) -> bool,
+    ) -> Result<bool, SessionError> {
         let _guard = self.lock_vm(vm_id).await;
-        let (_, session) = self
-            .by_vm
-            .remove(vm_id)
-            .ok_or_else(|| SessionError::NotFound(vm_id.to_owned()))?;
+        let Some(session) = self.get(vm_id) else {
+            return Ok(false);
+        };
+        if !still(&session) {
+            return Ok(false);
+        }
+        let Some((_, session)) = self.by_vm.remove(vm_id) else {
+            return Ok(false);
+        };
         let (table, kept) = (Arc::clone(&self.by_vm), Arc::clone(&session));
         let rollback = Box::new(move || {
             table.entry(kept.vm_id.clone()).or_insert(kept);
@@ -392,7 +411,7 @@ impl SessionRegistry {
         }
         session.stop().await;
         info!(vm_id, port = session.port, "session closed");
-        Ok(())
+        Ok(true)
     }
 
     /// The state file's bytes for the table as it is, sessions ordered by port (unique, and
