@@ -213,10 +213,19 @@ async fn a_pass_over_800_hanging_targets_is_bounded_by_the_probe_timeout() {
             .expect("open");
     }
     let start = Instant::now();
-    let (status, report) = gate.call("POST", "/v1/cleanup", None).await;
+    // Two at once: the second waits for the running pass and gets its report.
+    let ((status, report), (_, other)) = tokio::join!(
+        gate.call("POST", "/v1/cleanup", None),
+        gate.call("POST", "/v1/cleanup", None)
+    );
     let took = start.elapsed();
     assert_eq!(status, 200);
     assert_eq!(report["checked"], 800);
+    assert_eq!(
+        report["finished_at"], other["finished_at"],
+        "one pass, not two"
+    );
+    assert_eq!(report["duration_ms"], other["duration_ms"]);
     let waves = 800_u32.div_ceil(vncgate::cleanup::MAX_PROBES as u32);
     let bound = vncgate::cleanup::PROBE_TIMEOUT * waves + Duration::from_secs(2);
     assert!(
