@@ -363,6 +363,26 @@ impl ApiClient {
             text(&p["utilization_percent"])
         );
         let _ = writeln!(out, "uptime:        {}s", text(&s["uptime_s"]));
+        let c = &s["last_cleanup"];
+        if c.is_object() {
+            let _ = writeln!(
+                out,
+                "last cleanup:  {} (checked {}, closed {})",
+                text(&c["time"]),
+                text(&c["checked"]),
+                text(&c["closed"])
+            );
+        }
+        let k = &s["connections"];
+        if k.is_object() {
+            let _ = writeln!(
+                out,
+                "refused:       {} at --max-connections, {} at --max-pending-per-ip, {} rate-limited",
+                text(&k["refused_max_connections"]),
+                text(&k["refused_max_pending"]),
+                text(&k["rate_limited"])
+            );
+        }
         let _ = write!(out, "version:       {}", text(&s["version"]));
         if let Some(warnings) = s["warnings"].as_array() {
             for w in warnings {
