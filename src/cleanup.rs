@@ -59,6 +59,8 @@ struct Failing {
 /// The cleanup of one daemon: what has been failing, and the last report.
 pub struct Cleanup {
     registry: Arc<SessionRegistry>,
+    /// The daemon's shutdown: a pass in progress (periodic or from the API) stops probing.
+    stop: CancellationToken,
     stale_after: Duration,
     /// By vm_id; an entry for another target (retargeted) starts over.
     failing: Mutex<HashMap<String, Failing>>,
@@ -85,9 +87,14 @@ pub async fn probe(target: &Target) -> bool {
 }
 
 impl Cleanup {
-    pub fn new(registry: Arc<SessionRegistry>, stale_after: Duration) -> Arc<Cleanup> {
+    pub fn new(
+        registry: Arc<SessionRegistry>,
+        stale_after: Duration,
+        stop: CancellationToken,
+    ) -> Arc<Cleanup> {
         Arc::new(Cleanup {
             registry,
+            stop,
             stale_after,
             failing: Mutex::new(HashMap::new()),
             running: tokio::sync::Mutex::new(()),
@@ -133,8 +140,18 @@ impl Cleanup {
                 (s.vm_id.clone(), target, ok)
             })
             .buffer_unordered(MAX_PROBES)
+            .take_until(self.stop.cancelled())
             .collect()
             .await;
+        if self.stop.is_cancelled() {
+            // Shutting down: half a pass closes nothing.
+            return CleanupReport {
+                checked,
+                closed: Vec::new(),
+                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                finished_at: rfc3339(wall_now()),
+            };
+        }
         let now = Instant::now();
         let mut stale = Vec::new();
         {
@@ -212,8 +229,9 @@ impl Cleanup {
         }
     }
 
-    /// Runs a pass every `interval` until `stop` (the daemon's shutdown).
-    pub async fn run_every(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+    /// Runs a pass every `interval` until the daemon shuts down.
+    pub async fn run_every(self: Arc<Self>, interval: Duration) {
+        let stop = self.stop.clone();
         let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
         // A pass that overran its interval is not followed by a burst of catch-up passes.
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

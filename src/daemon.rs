@@ -188,9 +188,9 @@ impl Daemon {
                 source,
             })?;
         let api_addr = listener.local_addr().unwrap_or(config.api_listen);
-        let cleanup = Cleanup::new(Arc::clone(&registry), config.stale_after);
+        let cleanup = Cleanup::new(Arc::clone(&registry), config.stale_after, root.clone());
         if let Some(interval) = config.cleanup_interval {
-            tracker.spawn(Arc::clone(&cleanup).run_every(interval, root.clone()));
+            tracker.spawn(Arc::clone(&cleanup).run_every(interval));
         }
         let app = api::router(ApiState {
             registry: Arc::clone(&registry),
