@@ -253,10 +253,17 @@ async fn a_stopped_xvnc_loses_its_session_and_the_port_is_bound_again() {
         assert_eq!(report["closed"], serde_json::json!([]), "{report}");
         drop(xvnc);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while daemon.call("GET", "/v1/sessions/vm-xvnc", None).await.0 != 404 {
+        // The session leaves the table as its close starts and frees its port as the close
+        // ends (a DELETE answers after both); wait for both.
+        loop {
+            let gone = daemon.call("GET", "/v1/sessions/vm-xvnc", None).await.0 == 404;
+            let status = daemon.call("GET", "/v1/status", None).await.1;
+            if gone && status["port_pool"]["allocated_ports"] == 0 {
+                break;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the session outlived its Xvnc by 20 s"
+                "the session outlived its Xvnc by 20 s: {status}"
             );
             // Polling the daemon's periodic pass.
             tokio::time::sleep(Duration::from_millis(100)).await;
