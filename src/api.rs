@@ -17,6 +17,7 @@ use crate::access::{ApiGuard, ConnectionLimits};
 use crate::http;
 use crate::pool::PoolStats;
 use crate::registry::{Opened, SessionError, SessionRegistry};
+use crate::session::{SessionLimits, parse_limit};
 
 /// Requests are a vm_id and a target; anything near this size is not a real client.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -229,6 +230,32 @@ async fn healthz() -> Json<serde_json::Value> {
 struct OpenRequest {
     vm_id: String,
     target: String,
+    /// Read by [`OpenRequest::limits`], which names the field in its error.
+    #[serde(default)]
+    idle_timeout: Option<serde_json::Value>,
+    #[serde(default)]
+    max_lifetime: Option<serde_json::Value>,
+}
+
+impl OpenRequest {
+    /// The session limits of the request; a bad value is 400 naming its field. `null` is the
+    /// same as leaving the field out.
+    fn limits(&self) -> Result<SessionLimits, ApiError> {
+        let read = |field: &str, value: &Option<serde_json::Value>| {
+            match value {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => parse_limit(v).map(Some).map_err(|why| {
+                ApiError::invalid(format!(
+                    "{field}: {why}; expected a duration such as \"90s\", \"15m\" or \"8h\", or a number of seconds"
+                ))
+            }),
+        }
+        };
+        Ok(SessionLimits {
+            idle_timeout: read("idle_timeout", &self.idle_timeout)?,
+            max_lifetime: read("max_lifetime", &self.max_lifetime)?,
+        })
+    }
 }
 
 /// Bodies are JSON whatever the Content-Type; the message says what is wrong with one.
@@ -301,9 +328,10 @@ async fn open_session(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request = parse_open(body)?;
+    let limits = request.limits()?;
     let (session, opened) = state
         .registry
-        .run_to_end(|r| async move { r.open(&request.vm_id, &request.target).await })
+        .run_to_end(|r| async move { r.open(&request.vm_id, &request.target, limits).await })
         .await?;
     let status = match opened {
         Opened::Created => StatusCode::CREATED,

@@ -40,6 +40,13 @@ pub enum ClientError {
     BadAnswer { status: u16, body: String },
 }
 
+/// The optional per-session limits of `vncgate open` (durations such as `15m`, as text).
+#[derive(Debug, Clone, Default)]
+pub struct OpenLimits {
+    pub idle_timeout: Option<String>,
+    pub max_lifetime: Option<String>,
+}
+
 /// A client of one daemon's API, over http or https.
 pub struct ApiClient {
     base: String,
@@ -223,8 +230,23 @@ impl ApiClient {
     }
 
     /// `vncgate open`: the console url, or the whole Session with `json`.
-    pub async fn open(&self, vm_id: &str, target: &str, json: bool) -> Result<String, ClientError> {
-        let body = serde_json::json!({ "vm_id": vm_id, "target": target });
+    pub async fn open(
+        &self,
+        vm_id: &str,
+        target: &str,
+        limits: &OpenLimits,
+        json: bool,
+    ) -> Result<String, ClientError> {
+        let mut body = serde_json::json!({ "vm_id": vm_id, "target": target });
+        // Sent as given: the daemon checks them and names a bad one.
+        for (field, value) in [
+            ("idle_timeout", &limits.idle_timeout),
+            ("max_lifetime", &limits.max_lifetime),
+        ] {
+            if let Some(v) = value {
+                body[field] = serde_json::Value::String(v.clone());
+            }
+        }
         let (_, session) = self.call(Method::POST, "/v1/sessions", Some(body)).await?;
         if json {
             return Ok(pretty(&session));

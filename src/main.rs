@@ -47,6 +47,12 @@ enum Command {
         /// Print the whole Session as JSON
         #[arg(long)]
         json: bool,
+        /// Close a viewer that sent and got no data this long (e.g. 15m); this session only
+        #[arg(long, value_name = "DURATION")]
+        idle_timeout: Option<String>,
+        /// Close the session this long after it is created (e.g. 8h)
+        #[arg(long, value_name = "DURATION")]
+        max_lifetime: Option<String>,
     },
     /// Close the console session of a VM
     Close { vm_id: String },
@@ -117,7 +123,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             vm_id,
             target,
             json,
-        } => client()?.open(vm_id, target, *json).await?,
+            idle_timeout,
+            max_lifetime,
+        } => {
+            let limits = vncgate::client::OpenLimits {
+                idle_timeout: idle_timeout.clone(),
+                max_lifetime: max_lifetime.clone(),
+            };
+            client()?.open(vm_id, target, &limits, *json).await?
+        }
         Command::Close { vm_id } => client()?.close(vm_id).await?,
         Command::List { json } => client()?.list(*json).await?,
         Command::Status { json } => client()?.status(*json).await?,

@@ -14,9 +14,11 @@ use tracing::{info, warn};
 
 use crate::pool::{PoolError, PortPool};
 use crate::server::{self, ServerContext};
-use crate::session::{Session, SessionToken, UrlStyle, lock, rfc3339};
-use crate::state::{self, CommitError, CommitStats, Committer, SessionRecord};
+use crate::session::{Session, SessionLimits, SessionToken, UrlStyle, lock, rfc3339, wall_now};
+use crate::state::{self, CommitError, CommitStats, Committer};
 use crate::target::{Target, TargetError};
+
+mod restore;
 
 /// Why a registry call failed; the API maps each to a status and code.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,8 @@ pub struct SessionRegistry {
     degraded: Mutex<Vec<String>>,
     /// The last failed state write, cleared by the next good one.
     write_failure: Mutex<Option<String>>,
+    /// Itself, for the tasks that close a session at its `max_lifetime`.
+    me: Weak<SessionRegistry>,
 }
 
 /// Holds one vm_id's lock; forgets the lock entry when nobody else waits for it.
@@ -139,6 +143,7 @@ impl SessionRegistry {
                 state_path,
                 degraded: Mutex::new(Vec::new()),
                 write_failure: Mutex::new(None),
+                me: weak.clone(),
             }
         })
     }
@@ -179,6 +184,7 @@ impl SessionRegistry {
         target: Target,
         token: SessionToken,
         created_at: SystemTime,
+        limits: SessionLimits,
         port: PortChoice,
     ) -> Result<Arc<Session>, SessionError> {
         let (lease, listener) = match port {
@@ -186,7 +192,15 @@ impl SessionRegistry {
             PortChoice::Restore(p) => self.pool.allocate_port(p)?,
         };
         let port = lease.port();
-        let session = Session::new(vm_id, port, token, created_at, target, &self.ctx.root);
+        let session = Session::new(
+            vm_id,
+            port,
+            token,
+            created_at,
+            target,
+            limits,
+            &self.ctx.root,
+        );
         // On error the lease and listener drop here: the port goes back to the pool.
         let task = server::spawn_session_server(
             listener,
@@ -201,11 +215,13 @@ impl SessionRegistry {
     }
 
     /// Opens a session for `vm_id`, or returns the existing one (retargeted if `target`
-    /// differs). Returns once the change is on disk; a failed write rolls it back.
+    /// differs). Returns once the change is on disk; a failed write rolls it back. `limits`
+    /// apply to a session this call creates; an existing session keeps the ones it has.
     pub async fn open(
         &self,
         vm_id: &str,
         target: &str,
+        limits: SessionLimits,
     ) -> Result<(Arc<Session>, Opened), SessionError> {
         validate_vm_id(vm_id)?;
         let target: Target = target.parse()?;
@@ -257,7 +273,8 @@ impl SessionRegistry {
             vm_id,
             target.clone(),
             SessionToken::issue(self.ctx.token_ttl),
-            SystemTime::now(),
+            wall_now(),
+            limits,
             PortChoice::Any,
         )?;
         let (table, gone) = (Arc::clone(&self.by_vm), Arc::clone(&session));
@@ -270,8 +287,50 @@ impl SessionRegistry {
             session.stop().await;
             return Err(SessionError::Coordination(err));
         }
+        self.watch_lifetime(&session);
         info!(vm_id, port = session.port, %target, "session opened");
         Ok((session, Opened::Created))
+    }
+
+    /// Closes `session` at its `max_lifetime`, as a DELETE would (viewers get 1001 `session
+    /// closed`). The task is tracked and ends with the session or the daemon.
+    fn watch_lifetime(&self, session: &Arc<Session>) {
+        let Some(closes_at) = session.limits.closes_at(session.created_at) else {
+            return;
+        };
+        let (me, session) = (self.me.clone(), Arc::clone(session));
+        self.ctx.tracker.spawn(async move {
+            // Wall-clock arithmetic: a restart resumes the same deadline, a passed one at once.
+            let wait = closes_at
+                .duration_since(wall_now())
+                .unwrap_or(std::time::Duration::ZERO);
+            tokio::select! {
+                _ = session.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let Some(registry) = me.upgrade() else {
+                return;
+            };
+            let vm_id = session.vm_id.clone();
+            match registry
+                .close_if(&vm_id, |s| std::ptr::eq(s, Arc::as_ptr(&session)))
+                .await
+            {
+                Ok(true) => info!(
+                    vm_id,
+                    port = session.port,
+                    reason = "max lifetime",
+                    "session closed at its max_lifetime"
+                ),
+                Ok(false) => {}
+                Err(err) => warn!(
+                    vm_id,
+                    port = session.port,
+                    %err,
+                    "session past its max_lifetime could not be closed; it stays open"
+                ),
+            }
+        });
     }
 
     /// Issues `vm_id` a new token (`POST /v1/sessions/{vm_id}/token`): the old one stops
@@ -431,82 +490,6 @@ impl SessionRegistry {
             .await
             .map_err(|e| CommitError(e.to_string()))?
             .map_err(|e| CommitError(format!("{}: {e}", self.state_path.display())))
-    }
-
-    /// Puts the sessions of a state file back, each on its old port with its old token. A
-    /// session whose port is taken (or outside the range) moves to another port; one that
-    /// cannot be served is dropped. Both are logged and reported in status, never silent.
-    pub fn restore(&self, records: Vec<SessionRecord>) {
-        let mut degraded = Vec::new();
-        let mut homeless = Vec::new();
-        // First every session that can have its old port, so no moved session takes a port
-        // another one is about to claim back.
-        for r in records {
-            let target = match (validate_vm_id(&r.vm_id), r.target.parse::<Target>()) {
-                (Ok(()), Ok(t)) => t,
-                (Err(e), _) => {
-                    degraded.push(format!("state file session dropped: {e}"));
-                    continue;
-                }
-                (_, Err(e)) => {
-                    degraded.push(format!("session {} dropped: {e}", r.vm_id));
-                    continue;
-                }
-            };
-            // The file keeps the current token first; validation refused a file without one.
-            let Some(token) = r.tokens.first().map(|t| SessionToken {
-                value: t.value.clone(),
-                expires_at: t
-                    .expires_at
-                    .as_deref()
-                    .and_then(|at| humantime::parse_rfc3339(at).ok()),
-            }) else {
-                degraded.push(format!("session {} dropped: it has no token", r.vm_id));
-                continue;
-            };
-            let created_at =
-                humantime::parse_rfc3339(&r.created_at).unwrap_or_else(|_| SystemTime::now());
-            match self.start_session(
-                &r.vm_id,
-                target.clone(),
-                token.clone(),
-                created_at,
-                PortChoice::Restore(r.ws_port),
-            ) {
-                Ok(s) => info!(vm_id = %r.vm_id, port = s.port, "session restored"),
-                Err(err) => homeless.push((r, target, token, created_at, err)),
-            }
-        }
-        for (r, target, token, created_at, first) in homeless {
-            match self.start_session(&r.vm_id, target, token, created_at, PortChoice::Any) {
-                Ok(s) => {
-                    let why = format!(
-                        "session {} moved from port {} to {} after restart ({first}); URLs with the old port no longer work",
-                        r.vm_id, r.ws_port, s.port
-                    );
-                    warn!(vm_id = %r.vm_id, port = s.port, old_port = r.ws_port, "{why}");
-                    degraded.push(why);
-                }
-                Err(second) => {
-                    let why = format!(
-                        "session {} (port {}) dropped at restart ({first}); no other port: {second}",
-                        r.vm_id, r.ws_port
-                    );
-                    warn!(vm_id = %r.vm_id, old_port = r.ws_port, "{why}");
-                    degraded.push(why);
-                }
-            }
-        }
-        if self.len() > self.pool.cap() {
-            let why = format!(
-                "{} sessions were restored but --max-sessions is {}: all are kept, new opens fail until enough close",
-                self.len(),
-                self.pool.cap()
-            );
-            warn!("{why}");
-            degraded.push(why);
-        }
-        lock(&self.degraded).extend(degraded);
     }
 
     /// Requests answered 429 by the failed-token limit since start.

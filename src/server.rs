@@ -494,7 +494,11 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
             }
         },
         &guard.viewer().traffic,
-        ctx.relay,
+        RelaySettings {
+            // The session's own idle limit, set at open, wins over --idle-timeout.
+            idle_timeout: session.limits.idle_timeout.or(ctx.relay.idle_timeout),
+            ..ctx.relay
+        },
     )
     .await;
     match (&outcome.close, &outcome.gone) {

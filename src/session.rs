@@ -71,6 +71,60 @@ impl SessionToken {
     }
 }
 
+/// A session's own limits, set when it is opened (`"idle_timeout"`, `"max_lifetime"` of `POST
+/// /v1/sessions`, DESIGN.md "Cleanup, metrics, events") and kept in its state file record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Closes a viewer that sent and got no data frame this long (1001 `idle timeout`);
+    /// replaces `--idle-timeout` for this session.
+    pub idle_timeout: Option<Duration>,
+    /// Closes the session this long after `created_at`, as a DELETE would.
+    pub max_lifetime: Option<Duration>,
+}
+
+impl SessionLimits {
+    /// When `max_lifetime` closes a session created at `created_at`.
+    pub fn closes_at(&self, created_at: SystemTime) -> Option<SystemTime> {
+        self.max_lifetime.and_then(|d| created_at.checked_add(d))
+    }
+}
+
+/// The longest per-session limit: ten years (a longer one would overflow time arithmetic on
+/// some platforms and means "never" anyway; leave the field out for that).
+pub const MAX_LIMIT: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// Reads a per-session limit: a humantime duration (`90s`, `15m`, `1h 30m`) or a number of
+/// seconds, above zero and at most [`MAX_LIMIT`]. The error says what was wrong, for a 400
+/// that names the field.
+pub fn parse_limit(value: &serde_json::Value) -> Result<Duration, String> {
+    let d = match value {
+        serde_json::Value::String(text) => humantime::parse_duration(text.trim())
+            .map_err(|err| format!("{text:?} is not a duration ({err})"))?,
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(secs) => Duration::from_secs(secs),
+            None => match n.as_f64() {
+                Some(f) if f.is_finite() && f > 0.0 && f <= MAX_LIMIT.as_secs_f64() => {
+                    Duration::from_secs_f64(f)
+                }
+                _ => return Err(format!("{n} is not a number of seconds above 0")),
+            },
+        },
+        other => return Err(format!("{other} is not a duration")),
+    };
+    if d.is_zero() {
+        return Err("must be above 0 (leave the field out for no limit)".into());
+    }
+    if d > MAX_LIMIT {
+        return Err("must be at most 10 years (leave the field out for no limit)".into());
+    }
+    Ok(d)
+}
+
+/// A duration as the API and the state file write it: humantime's `1h 30m`.
+pub(crate) fn duration_text(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
 /// The verdict on a token a client presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenCheck {
@@ -169,6 +223,7 @@ pub struct Session {
     pub vm_id: String,
     pub port: u16,
     pub created_at: SystemTime,
+    pub limits: SessionLimits,
     /// Target, token and the record they make; one lock, so the record always matches.
     target: Mutex<TargetSlot>,
     /// Connections of generations below this were ended by a token revocation (1008).
@@ -191,14 +246,16 @@ impl Session {
         token: SessionToken,
         created_at: SystemTime,
         target: Target,
+        limits: SessionLimits,
         root: &CancellationToken,
     ) -> Arc<Session> {
         let cancel = root.child_token();
-        let record = render_record(vm_id, &target, port, &token, created_at);
+        let record = render_record(vm_id, &target, port, &token, created_at, limits);
         Arc::new(Session {
             vm_id: vm_id.to_owned(),
             port,
             created_at,
+            limits,
             revoked_below: AtomicU64::new(0),
             target: Mutex::new(TargetSlot {
                 target,
@@ -272,13 +329,7 @@ impl Session {
     /// Puts `token` in place (new connections need it at once) and returns the old one.
     pub(crate) fn replace_token(&self, token: SessionToken) -> SessionToken {
         let mut slot = lock(&self.target);
-        slot.record = render_record(
-            &self.vm_id,
-            &slot.target,
-            self.port,
-            &token,
-            self.created_at,
-        );
+        slot.record = self.render(&slot.target, &token);
         std::mem::replace(&mut slot.token, token)
     }
 
@@ -353,13 +404,7 @@ impl Session {
         if slot.target == target {
             return None;
         }
-        slot.record = render_record(
-            self.vm_id.as_str(),
-            &target,
-            self.port,
-            &slot.token,
-            self.created_at,
-        );
+        slot.record = self.render(&target, &slot.token);
         let old_target = std::mem::replace(&mut slot.target, target);
         let old_cancel = std::mem::replace(&mut slot.cancel, self.cancel.child_token());
         slot.generation += 1;
@@ -374,13 +419,7 @@ impl Session {
     pub(crate) fn restore_target(&self, undo: RetargetUndo) {
         let mut slot = lock(&self.target);
         slot.cancel.cancel();
-        slot.record = render_record(
-            self.vm_id.as_str(),
-            &undo.old_target,
-            self.port,
-            &slot.token,
-            self.created_at,
-        );
+        slot.record = self.render(&undo.old_target, &slot.token);
         slot.target = undo.old_target;
         slot.cancel = undo.old_cancel;
         slot.generation += 1;
@@ -402,6 +441,18 @@ impl Session {
         {
             warn!(vm_id = %self.vm_id, port = self.port, %err, "session listener task failed");
         }
+    }
+
+    /// This session's state file record with `target` and `token`.
+    fn render(&self, target: &Target, token: &SessionToken) -> Arc<[u8]> {
+        render_record(
+            &self.vm_id,
+            target,
+            self.port,
+            token,
+            self.created_at,
+            self.limits,
+        )
     }
 
     /// A snapshot for the API. `host` is what console URLs name.
@@ -448,6 +499,9 @@ impl Session {
             token_expires_at: token.expires_at.map(rfc3339),
             token: token.value,
             created_at: rfc3339(self.created_at),
+            idle_timeout: self.limits.idle_timeout.map(duration_text),
+            max_lifetime: self.limits.max_lifetime.map(duration_text),
+            closes_at: self.limits.closes_at(self.created_at).map(rfc3339),
             connections: viewers.len(),
             bytes_to_client: self.ended_traffic.to_client.load(Ordering::Relaxed) + live_to_client,
             bytes_to_server: self.ended_traffic.to_server.load(Ordering::Relaxed) + live_to_server,
@@ -472,6 +526,7 @@ fn render_record(
     port: u16,
     token: &SessionToken,
     created_at: SystemTime,
+    limits: SessionLimits,
 ) -> Arc<[u8]> {
     let record = SessionRecord {
         vm_id: vm_id.to_owned(),
@@ -482,6 +537,8 @@ fn render_record(
             expires_at: token.expires_at.map(rfc3339),
         }],
         created_at: rfc3339(created_at),
+        idle_timeout: limits.idle_timeout.map(duration_text),
+        max_lifetime: limits.max_lifetime.map(duration_text),
     };
     // A struct of strings and a number: serialising it cannot fail.
     serde_json::to_vec(&record).unwrap_or_default().into()
@@ -510,6 +567,12 @@ pub struct SessionInfo {
     /// When the token stops admitting new connections (RFC 3339); null without `--token-ttl`.
     pub token_expires_at: Option<String>,
     pub created_at: String,
+    /// This session's idle limit for viewers (humantime, `15m`); null: `--idle-timeout`.
+    pub idle_timeout: Option<String>,
+    /// How long after `created_at` the session closes (humantime); null: never.
+    pub max_lifetime: Option<String>,
+    /// When `max_lifetime` closes it (RFC 3339); null: never.
+    pub closes_at: Option<String>,
     /// Live viewers.
     pub connections: usize,
     pub bytes_to_client: u64,
@@ -543,7 +606,15 @@ mod tests {
         let root = CancellationToken::new();
         let target: Target = "127.0.0.1:5901".parse().expect("target");
         let first = SessionToken::issue(Some(Duration::from_secs(60)));
-        let s = Session::new("vm", 7000, first.clone(), SystemTime::now(), target, &root);
+        let s = Session::new(
+            "vm",
+            7000,
+            first.clone(),
+            SystemTime::now(),
+            target,
+            SessionLimits::default(),
+            &root,
+        );
         assert_eq!(s.check_token(&first.value), TokenCheck::Valid);
         assert_eq!(s.check_token("nope"), TokenCheck::Wrong);
         assert_eq!(s.check_token(""), TokenCheck::Wrong);
@@ -579,6 +650,7 @@ mod tests {
             SessionToken::issue(None),
             SystemTime::now(),
             target,
+            SessionLimits::default(),
             &root,
         );
         let before = s.ticket();

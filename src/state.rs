@@ -38,6 +38,12 @@ pub struct SessionRecord {
     /// A list with expiries from the start, so token lifetimes and rotation need no migration.
     pub tokens: Vec<TokenRecord>,
     pub created_at: String,
+    /// The session's own limits (humantime, `15m`), absent when not set: a file written
+    /// without them, or by an older release, reads the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -201,6 +207,20 @@ pub fn validate(records: &[SessionRecord]) -> Result<(), String> {
                 "records {first} and {i} ({:?}) both hold port {}",
                 r.vm_id, r.ws_port
             ));
+        }
+        for (field, value) in [
+            ("idle_timeout", &r.idle_timeout),
+            ("max_lifetime", &r.max_lifetime),
+        ] {
+            if let Some(text) = value
+                && let Err(why) =
+                    crate::session::parse_limit(&serde_json::Value::String(text.clone()))
+            {
+                return Err(format!(
+                    "record {i} ({:?}) has a bad {field}: {why}",
+                    r.vm_id
+                ));
+            }
         }
         for t in &r.tokens {
             let charset = t
@@ -629,6 +649,8 @@ mod tests {
                     expires_at: None,
                 }],
                 created_at: "2026-11-26T00:00:00Z".into(),
+                idle_timeout: None,
+                max_lifetime: None,
             }],
         };
         write_atomic(
@@ -676,6 +698,8 @@ mod tests {
                 expires_at: None,
             }],
             created_at: "2026-11-26T00:00:00Z".into(),
+            idle_timeout: None,
+            max_lifetime: None,
         };
         assert!(validate(&[rec("vm-1", 6100, good), rec("vm-2", 6101, good)]).is_ok());
         let cases = [
@@ -697,7 +721,27 @@ mod tests {
                 )],
                 "vm-amp",
             ),
+            (
+                vec![SessionRecord {
+                    max_lifetime: Some("soon".into()),
+                    ..rec("vm-life", 6100, good)
+                }],
+                "max_lifetime",
+            ),
+            (
+                vec![SessionRecord {
+                    idle_timeout: Some("0s".into()),
+                    ..rec("vm-idle", 6100, good)
+                }],
+                "idle_timeout",
+            ),
         ];
+        let limited = SessionRecord {
+            idle_timeout: Some("15m".into()),
+            max_lifetime: Some("1h 30m".into()),
+            ..rec("vm-ok", 6100, good)
+        };
+        assert!(validate(&[limited]).is_ok());
         for (records, names) in cases {
             let err = validate(&records).expect_err("refused");
             assert!(err.contains(names), "{err}");
@@ -720,6 +764,8 @@ mod tests {
                     ws_port: 6100 + i as u16,
                     tokens: vec![],
                     created_at: "2026-11-26T00:00:00Z".into(),
+                    idle_timeout: None,
+                    max_lifetime: None,
                 })
                 .collect(),
         }

@@ -208,7 +208,7 @@ async fn a_pass_over_800_hanging_targets_is_bounded_by_the_probe_timeout() {
     let registry = std::sync::Arc::clone(gate.daemon().registry());
     for i in 0..800 {
         registry
-            .open(&format!("vm-{i}"), &target)
+            .open(&format!("vm-{i}"), &target, Default::default())
             .await
             .expect("open");
     }

@@ -1,0 +1,103 @@
+//! Putting a state file's sessions back at start (DESIGN.md "State file"): each on its old
+//! port with its token, expiry and limits, or moved and reported when it cannot be.
+
+use std::time::SystemTime;
+
+use tracing::{info, warn};
+
+use super::{PortChoice, SessionRegistry, validate_vm_id};
+use crate::session::{SessionLimits, SessionToken, lock, parse_limit};
+use crate::state::SessionRecord;
+use crate::target::Target;
+
+impl SessionRegistry {
+    /// Puts the sessions of a state file back, each on its old port with its old token. A
+    /// session whose port is taken (or outside the range) moves to another port; one that
+    /// cannot be served is dropped. Both are logged and reported in status, never silent.
+    pub fn restore(&self, records: Vec<SessionRecord>) {
+        let mut degraded = Vec::new();
+        let mut homeless = Vec::new();
+        // First every session that can have its old port, so no moved session takes a port
+        // another one is about to claim back.
+        for r in records {
+            let target = match (validate_vm_id(&r.vm_id), r.target.parse::<Target>()) {
+                (Ok(()), Ok(t)) => t,
+                (Err(e), _) => {
+                    degraded.push(format!("state file session dropped: {e}"));
+                    continue;
+                }
+                (_, Err(e)) => {
+                    degraded.push(format!("session {} dropped: {e}", r.vm_id));
+                    continue;
+                }
+            };
+            // The file keeps the current token first; validation refused a file without one.
+            let Some(token) = r.tokens.first().map(|t| SessionToken {
+                value: t.value.clone(),
+                expires_at: t
+                    .expires_at
+                    .as_deref()
+                    .and_then(|at| humantime::parse_rfc3339(at).ok()),
+            }) else {
+                degraded.push(format!("session {} dropped: it has no token", r.vm_id));
+                continue;
+            };
+            let created_at =
+                humantime::parse_rfc3339(&r.created_at).unwrap_or_else(|_| SystemTime::now());
+            // Validation refused a file with a bad limit; a missing one is no limit.
+            let limit = |text: &Option<String>| {
+                text.as_ref()
+                    .and_then(|t| parse_limit(&serde_json::Value::String(t.clone())).ok())
+            };
+            let limits = SessionLimits {
+                idle_timeout: limit(&r.idle_timeout),
+                max_lifetime: limit(&r.max_lifetime),
+            };
+            match self.start_session(
+                &r.vm_id,
+                target.clone(),
+                token.clone(),
+                created_at,
+                limits,
+                PortChoice::Restore(r.ws_port),
+            ) {
+                Ok(s) => {
+                    self.watch_lifetime(&s);
+                    info!(vm_id = %r.vm_id, port = s.port, "session restored");
+                }
+                Err(err) => homeless.push((r, target, token, created_at, limits, err)),
+            }
+        }
+        for (r, target, token, created_at, limits, first) in homeless {
+            match self.start_session(&r.vm_id, target, token, created_at, limits, PortChoice::Any) {
+                Ok(s) => {
+                    self.watch_lifetime(&s);
+                    let why = format!(
+                        "session {} moved from port {} to {} after restart ({first}); URLs with the old port no longer work",
+                        r.vm_id, r.ws_port, s.port
+                    );
+                    warn!(vm_id = %r.vm_id, port = s.port, old_port = r.ws_port, "{why}");
+                    degraded.push(why);
+                }
+                Err(second) => {
+                    let why = format!(
+                        "session {} (port {}) dropped at restart ({first}); no other port: {second}",
+                        r.vm_id, r.ws_port
+                    );
+                    warn!(vm_id = %r.vm_id, old_port = r.ws_port, "{why}");
+                    degraded.push(why);
+                }
+            }
+        }
+        if self.len() > self.pool.cap() {
+            let why = format!(
+                "{} sessions were restored but --max-sessions is {}: all are kept, new opens fail until enough close",
+                self.len(),
+                self.pool.cap()
+            );
+            warn!("{why}");
+            degraded.push(why);
+        }
+        lock(&self.degraded).extend(degraded);
+    }
+}
