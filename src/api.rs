@@ -1,6 +1,7 @@
 //! The control API: handlers for `/v1/...`, `/healthz`, and the mapping of every failure to
 //! `{"error": {"code", "message"}}` with its status.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -100,44 +101,65 @@ pub struct ApiState {
 /// connection a task on the listener's tracker, request bodies read within
 /// [`http::BODY_READ_TIMEOUT`]. Every request passes `guard` first (Host, Origin, bearer
 /// token), so unknown routes are refused like known ones: no route enumeration.
-pub async fn serve(listener: http::Listener, app: Router, guard: Arc<ApiGuard>) {
+pub async fn serve(
+    listener: http::Listener,
+    app: Router,
+    guard: Arc<ApiGuard>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     http::serve(listener, move |_conn| {
         let app = app.clone();
         let guard = Arc::clone(&guard);
+        let metrics = Arc::clone(&metrics);
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let app = app.clone();
             let guard = Arc::clone(&guard);
+            let metrics = Arc::clone(&metrics);
             async move {
-                let origin = req.headers().get(header::ORIGIN).cloned();
-                let preflight = req.method() == axum::http::Method::OPTIONS
-                    && req
-                        .headers()
-                        .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-                if let Err(refusal) = guard.check(req.uri().path(), preflight, req.headers()) {
-                    // An allowed browser app may read why (e.g. its token was wrong).
-                    let allowed = origin
-                        .as_ref()
-                        .and_then(|o| o.to_str().ok())
-                        .is_some_and(|o| guard.origin_allowed(o));
-                    let response = refused(refusal);
-                    return Ok(if allowed {
-                        with_cors(response, origin)
-                    } else {
-                        response
-                    });
-                }
-                // Past the guard, an Origin is one of --api-allowed-origins: answer CORS.
-                if preflight {
-                    return Ok(with_cors(preflight_response(), origin));
-                }
-                let req = req.map(|body| axum::body::Body::new(http::DeadlineBody::new(body)));
-                tower::ServiceExt::oneshot(app, req)
-                    .await
-                    .map(|r| with_cors(r, origin))
+                let started = Instant::now();
+                let answer = answer(app, &guard, req).await;
+                metrics.api_answered(started.elapsed());
+                answer
             }
         })
     })
     .await
+}
+
+/// One API request: the guard, CORS, then the routes.
+async fn answer(
+    app: Router,
+    guard: &ApiGuard,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<Response, Infallible> {
+    {
+        let origin = req.headers().get(header::ORIGIN).cloned();
+        let preflight = req.method() == axum::http::Method::OPTIONS
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if let Err(refusal) = guard.check(req.uri().path(), preflight, req.headers()) {
+            // An allowed browser app may read why (e.g. its token was wrong).
+            let allowed = origin
+                .as_ref()
+                .and_then(|o| o.to_str().ok())
+                .is_some_and(|o| guard.origin_allowed(o));
+            let response = refused(refusal);
+            return Ok(if allowed {
+                with_cors(response, origin)
+            } else {
+                response
+            });
+        }
+        // Past the guard, an Origin is one of --api-allowed-origins: answer CORS.
+        if preflight {
+            return Ok(with_cors(preflight_response(), origin));
+        }
+        let req = req.map(|body| axum::body::Body::new(http::DeadlineBody::new(body)));
+        tower::ServiceExt::oneshot(app, req)
+            .await
+            .map(|r| with_cors(r, origin))
+    }
 }
 
 fn refused(refusal: crate::access::ApiRefusal) -> Response {
@@ -200,6 +222,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/cleanup", axum::routing::post(cleanup))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -322,17 +345,75 @@ fn machine_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+async fn open_request(
+    state: &ApiState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Arc<crate::session::Session>, Opened), ApiError> {
+    let request = parse_open(body)?;
+    let limits = request.limits()?;
+    Ok(state
+        .registry
+        .run_to_end(|r| async move { r.open(&request.vm_id, &request.target, limits).await })
+        .await?)
+}
+
+/// `GET /metrics`: the OpenMetrics text, with the values that live elsewhere read now.
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let registry = &state.registry;
+    let pool = registry.pool().stats();
+    let (mut to_client, mut to_server) = registry.metrics().closed_bytes();
+    for s in registry.list() {
+        let (c, v) = s.traffic_totals();
+        to_client += c;
+        to_server += v;
+    }
+    let mut cert_not_after = Vec::new();
+    if let Some(t) = registry.cert_not_after() {
+        cert_not_after.push(("session", t));
+    }
+    if let Some(t) = state.api_tls.as_ref().and_then(|t| t.not_after()) {
+        cert_not_after.push(("api", t));
+    }
+    let text = registry.metrics().render(&crate::metrics::Snapshot {
+        sessions: registry.len() as u64,
+        viewers: registry.connection_count() as u64,
+        pool_allocated: pool.allocated_ports as u64,
+        pool_free: pool.free_ports as u64,
+        pool_foreign: pool.foreign_ports as u64,
+        bytes_to_client: to_client,
+        bytes_to_server: to_server,
+        cert_not_after,
+    });
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, crate::metrics::TEXT_CONTENT_TYPE)],
+            crate::metrics::prometheus_text(&text),
+        )
+            .into_response()
+    }
+}
+
 async fn open_session(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = parse_open(body)?;
-    let limits = request.limits()?;
-    let (session, opened) = state
-        .registry
-        .run_to_end(|r| async move { r.open(&request.vm_id, &request.target, limits).await })
-        .await?;
+    let metrics = Arc::clone(state.registry.metrics());
+    let opened = open_request(&state, body).await;
+    metrics.session_opened(match &opened {
+        Ok((_, Opened::Created)) => "created",
+        Ok((_, Opened::Unchanged)) => "unchanged",
+        Ok((_, Opened::Retargeted)) => "retargeted",
+        Err(err) => err.code,
+    });
+    let (session, opened) = opened?;
     let status = match opened {
         Opened::Created => StatusCode::CREATED,
         Opened::Unchanged | Opened::Retargeted => StatusCode::OK,
@@ -467,7 +548,7 @@ async fn cleanup(
     // On its own task: the pass finishes even if the client hangs up.
     let report = state
         .registry
-        .run_to_end(|_| async move { Ok(cleanup.run().await) })
+        .run_to_end(|_| async move { Ok(cleanup.run(true).await) })
         .await?;
     Ok(Json(report))
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::metrics::CloseCause;
 use crate::registry::SessionRegistry;
 use crate::session::{lock, rfc3339, wall_now};
 use crate::target::{Target, TargetStream};
@@ -110,7 +111,8 @@ impl Cleanup {
 
     /// Runs a pass now. If one is running, waits for it and returns its report instead of
     /// running a second.
-    pub async fn run(&self) -> CleanupReport {
+    /// `requested`: asked for through the API (logged at info even when nothing closed).
+    pub async fn run(&self, requested: bool) -> CleanupReport {
         let seen = self.passes.load(Ordering::SeqCst);
         let _pass = self.running.lock().await;
         if self.passes.load(Ordering::SeqCst) != seen
@@ -119,6 +121,12 @@ impl Cleanup {
             return report;
         }
         let report = self.pass().await;
+        crate::events::cleanup_finished(
+            report.checked,
+            report.closed.len(),
+            Duration::from_millis(report.duration_ms),
+            requested,
+        );
         *lock(&self.last) = Some(report.clone());
         self.passes.fetch_add(1, Ordering::SeqCst);
         report
@@ -195,7 +203,7 @@ impl Cleanup {
             }
             match self
                 .registry
-                .close_if(&vm_id, |s| s.viewer_count() == 0)
+                .close_if(&vm_id, CloseCause::TargetGone, |s| s.viewer_count() == 0)
                 .await
             {
                 Ok(true) => {
@@ -205,8 +213,7 @@ impl Cleanup {
                         port = session.port,
                         target = %failing.target,
                         failing_since = %rfc3339(failing.since_wall),
-                        reason = TARGET_GONE,
-                        "session closed by cleanup"
+                        "its VNC target failed every check for --stale-after"
                     );
                     closed.push(ClosedSession {
                         vm_id,
@@ -242,7 +249,7 @@ impl Cleanup {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = self.run() => {}
+                _ = self.run(false) => {}
             }
         }
     }

@@ -95,6 +95,19 @@ pub struct Config {
     pub cleanup_interval: Option<Duration>,
     /// `--stale-after`: a target failing every check this long has its session closed.
     pub stale_after: Duration,
+    /// `--log-format`: `text` (colour only on a terminal) or `json` (one object a line).
+    pub log_format: LogFormat,
+    /// `--log-level`: a tracing filter such as `info` or `info,vncgate::events=warn`; `None`:
+    /// `RUST_LOG`, else `info`.
+    pub log_level: Option<String>,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Config {
@@ -126,6 +139,8 @@ impl Default for Config {
             frame_ancestors: "'self'".into(),
             cleanup_interval: Some(DEFAULT_CLEANUP_INTERVAL),
             stale_after: DEFAULT_STALE_AFTER,
+            log_format: LogFormat::Text,
+            log_level: None,
         }
     }
 }
@@ -248,6 +263,12 @@ pub struct ServeArgs {
     /// Close a session without viewers whose target failed every check this long [default: 300s]
     #[arg(long, env = "VNCGATE_STALE_AFTER")]
     pub stale_after: Option<String>,
+    /// Log lines as text or json (one JSON object a line) [default: text]
+    #[arg(long, env = "VNCGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Tracing filter, e.g. info or debug,hyper=info; reloaded on SIGHUP [default: RUST_LOG, else info]
+    #[arg(long, env = "VNCGATE_LOG_LEVEL")]
+    pub log_level: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -307,6 +328,10 @@ struct FileConfig {
     cleanup_interval: Option<String>,
     #[serde(alias = "stale_after")]
     stale_after: Option<String>,
+    #[serde(alias = "log_format")]
+    log_format: Option<String>,
+    #[serde(alias = "log_level")]
+    log_level: Option<String>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -473,6 +498,23 @@ impl ServeArgs {
                     "must be a positive duration such as 300s",
                 )
             })?;
+        }
+        if let Some(v) = pick(&self.log_format, file.log_format) {
+            config.log_format = match v.trim() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(invalid("--log-format", &v, "expected text or json")),
+            };
+        }
+        if let Some(v) = pick(&self.log_level, file.log_level) {
+            if let Err(err) = tracing_subscriber::EnvFilter::try_new(v.trim()) {
+                return Err(invalid(
+                    "--log-level",
+                    &v,
+                    format!("{err}; expected a tracing filter such as info or debug,hyper=info"),
+                ));
+            }
+            config.log_level = Some(v.trim().to_owned());
         }
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)

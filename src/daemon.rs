@@ -170,6 +170,7 @@ impl Daemon {
             limits: Arc::clone(&limits),
             token_ttl: config.token_ttl,
             csp,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         });
         let registry = SessionRegistry::new(pool, ctx, config.state_file.clone());
         let stored = records.len();
@@ -222,6 +223,7 @@ impl Daemon {
             },
             app,
             Arc::clone(&api_guard),
+            Arc::clone(registry.metrics()),
         ));
         if config.public_host.is_none() && api_addr.ip().is_loopback() {
             warn!(

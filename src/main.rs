@@ -1,7 +1,6 @@
 //! `vncgate`: CLI parsing and dispatch. `serve` runs the daemon; the other commands are
 //! clients of its control API.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -141,13 +140,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Resolved once for the log settings, then again with the sink installed so the warnings
+    // resolving gives (clamped values, an ephemeral-range overlap) reach it.
+    let first = args.resolve().context("invalid configuration")?;
+    let _log = vncgate::events::install(first.log_format, first.log_level.as_deref())
+        .map_err(anyhow::Error::msg)?;
     let config = args.resolve().context("invalid configuration")?;
     raise_nofile_limit();
     // Installed before the start: a SIGHUP (a certificate renewal hook) while the daemon binds

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use tracing::{info, warn};
+use tracing::warn;
 
+use crate::events;
+use crate::metrics::{CloseCause, Metrics};
 use crate::pool::{PoolError, PortPool};
 use crate::server::{self, ServerContext};
 use crate::session::{Session, SessionLimits, SessionToken, UrlStyle, lock, rfc3339, wall_now};
@@ -115,12 +117,18 @@ impl SessionRegistry {
         Arc::new_cyclic(|weak: &Weak<SessionRegistry>| {
             let snap = weak.clone();
             let failed = weak.clone();
+            let metrics = Arc::clone(&ctx.metrics);
             let commit_stats = Arc::new(CommitStats::default());
             let committer = state::spawn_writer(
                 state_path.clone(),
                 move || snap.upgrade().map(|r| r.snapshot()),
                 move |result| {
                     if let Some(r) = failed.upgrade() {
+                        let us = r
+                            .commit_stats
+                            .last_write_us
+                            .load(std::sync::atomic::Ordering::Relaxed);
+                        metrics.state_written(std::time::Duration::from_micros(us));
                         *lock(&r.write_failure) = result.err().map(|err| {
                             format!(
                                 "state write failed at {}: {err}",
@@ -154,6 +162,11 @@ impl SessionRegistry {
             bundled_page: self.ctx.web.is_bundled(),
             tls: self.ctx.tls.is_some(),
         }
+    }
+
+    /// The daemon's counters and histograms.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.ctx.metrics
     }
 
     pub fn pool(&self) -> &Arc<PortPool> {
@@ -259,14 +272,10 @@ impl SessionRegistry {
                 u.old_cancel.cancel();
             }
             if !retargeted {
-                info!(
-                    vm_id,
-                    port = session.port,
-                    "expired token renewed by an open"
-                );
+                events::token_rotated(vm_id, session.port, false, true);
                 return Ok((session, Opened::Unchanged));
             }
-            info!(vm_id, port = session.port, %target, "session retargeted");
+            events::session_retargeted(vm_id, session.port, &target);
             return Ok((session, Opened::Retargeted));
         }
         let session = self.start_session(
@@ -288,7 +297,7 @@ impl SessionRegistry {
             return Err(SessionError::Coordination(err));
         }
         self.watch_lifetime(&session);
-        info!(vm_id, port = session.port, %target, "session opened");
+        events::session_opened(vm_id, session.port, &target);
         Ok((session, Opened::Created))
     }
 
@@ -313,16 +322,12 @@ impl SessionRegistry {
             };
             let vm_id = session.vm_id.clone();
             match registry
-                .close_if(&vm_id, |s| std::ptr::eq(s, Arc::as_ptr(&session)))
+                .close_if(&vm_id, CloseCause::MaxLifetime, |s| {
+                    std::ptr::eq(s, Arc::as_ptr(&session))
+                })
                 .await
             {
-                Ok(true) => info!(
-                    vm_id,
-                    port = session.port,
-                    reason = "max lifetime",
-                    "session closed at its max_lifetime"
-                ),
-                Ok(false) => {}
+                Ok(_) => {}
                 Err(err) => warn!(
                     vm_id,
                     port = session.port,
@@ -360,12 +365,7 @@ impl SessionRegistry {
         if disconnect {
             session.revoke_viewers();
         }
-        info!(
-            vm_id,
-            port = session.port,
-            disconnect,
-            "session token rotated"
-        );
+        events::token_rotated(vm_id, session.port, disconnect, false);
         Ok(session)
     }
 
@@ -383,12 +383,7 @@ impl SessionRegistry {
         if !session.kick(id) {
             return Err(not_found());
         }
-        info!(
-            vm_id,
-            port = session.port,
-            viewer = id,
-            "viewer disconnected by operator"
-        );
+        events::viewer_kicked(vm_id, session.port, id);
         Ok(())
     }
 
@@ -437,7 +432,7 @@ impl SessionRegistry {
     /// Closes the session once its removal is on disk: live viewers get 1001 `session
     /// closed`, and the port is back in the pool (bindable again) when this returns.
     pub async fn close(&self, vm_id: &str) -> Result<(), SessionError> {
-        if self.close_if(vm_id, |_| true).await? {
+        if self.close_if(vm_id, CloseCause::Deleted, |_| true).await? {
             Ok(())
         } else {
             Err(SessionError::NotFound(vm_id.to_owned()))
@@ -449,6 +444,7 @@ impl SessionRegistry {
     pub async fn close_if(
         &self,
         vm_id: &str,
+        cause: CloseCause,
         still: impl FnOnce(&Session) -> bool,
     ) -> Result<bool, SessionError> {
         let _guard = self.lock_vm(vm_id).await;
@@ -469,7 +465,9 @@ impl SessionRegistry {
             return Err(SessionError::Coordination(err));
         }
         session.stop().await;
-        info!(vm_id, port = session.port, "session closed");
+        let (to_client, to_server) = session.traffic_totals();
+        self.ctx.metrics.session_closed(cause, to_client, to_server);
+        events::session_closed(vm_id, session.port, &session.target(), cause.label());
         Ok(true)
     }
 
@@ -490,6 +488,11 @@ impl SessionRegistry {
             .await
             .map_err(|e| CommitError(e.to_string()))?
             .map_err(|e| CommitError(format!("{}: {e}", self.state_path.display())))
+    }
+
+    /// `notAfter` of the session ports' certificate (with `--cert`).
+    pub fn cert_not_after(&self) -> Option<SystemTime> {
+        self.ctx.tls.as_ref().and_then(|t| t.not_after())
     }
 
     /// Requests answered 429 by the failed-token limit since start.

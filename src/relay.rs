@@ -185,16 +185,18 @@ impl<W: AsyncWrite + Unpin> ClientConn<W> {
     }
 }
 
-/// Connects to `target` and relays until either side closes or `cancel` fires; on cancel the
+/// Connects to `target` (`on_connected` gets how long that took) and relays until either side closes or `cancel` fires; on cancel the
 /// viewer gets the close `cancel_reason` returns (it knows why the session cancelled).
 pub async fn run_relay<W: AsyncWrite + Unpin>(
     mut client: ClientConn<W>,
     target: &Target,
+    on_connected: impl FnOnce(Duration),
     cancel: &CancellationToken,
     cancel_reason: impl FnOnce() -> CloseReason,
     traffic: &Traffic,
     settings: RelaySettings,
 ) -> Outcome {
+    let dialled = tokio::time::Instant::now();
     let connected = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, target.connect()) => r,
         _ = cancel.cancelled() => {
@@ -204,7 +206,10 @@ pub async fn run_relay<W: AsyncWrite + Unpin>(
         }
     };
     let stream = match connected {
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => {
+            on_connected(dialled.elapsed());
+            stream
+        }
         Ok(Err(err)) => {
             let reason = CloseReason::TargetUnreachable(format!(
                 "VNC server {target} unreachable: {}",

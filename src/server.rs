@@ -21,7 +21,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn};
 
 use crate::access::{AccessPolicy, ConnectionLimits, ConnectionSlot};
+use crate::events::{self, ViewerEnd};
 use crate::http::{self, ClientStream, Conn, Peer, UpgradedIo};
+use crate::metrics::{ConnectOutcome, Metrics};
 use crate::pool::PortLease;
 use crate::relay::{self, ClientConn, CloseReason, RelaySettings};
 use crate::session::{Session, TargetTicket, TokenCheck};
@@ -49,6 +51,8 @@ pub struct ServerContext {
     pub token_ttl: Option<Duration>,
     /// The console page's `Content-Security-Policy` (with `--frame-ancestors`).
     pub csp: HeaderValue,
+    /// Counters and histograms of `GET /metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts serving `session` on its pool port. The task owns the listener and the lease, so
@@ -117,6 +121,16 @@ async fn handle(
                 response
             }
             Err(refusal) => {
+                let outcome = match refusal.code {
+                    "forbidden" | "token_expired" => Some(ConnectOutcome::BadToken),
+                    "origin_refused" => Some(ConnectOutcome::OriginRefused),
+                    "rate_limited" => Some(ConnectOutcome::RateLimited),
+                    // A malformed handshake is not a viewer's connect.
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    ctx.metrics.viewer_connect(outcome);
+                }
                 if refusal.code == "origin_refused"
                     && let Some(held_back) = ctx.access.origin_log.ready(ORIGIN_LOG_PERIOD)
                 {
@@ -477,14 +491,29 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
     let mut client = ClientConn { reader, writer };
     let Some(guard) = session.add_viewer(peer.addr, ctx.max_viewers, &ticket) else {
         info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, "viewer refused: too many viewers");
+        ctx.metrics.viewer_connect(ConnectOutcome::Cap);
         client.close(&CloseReason::TooManyViewers).await;
+        ctx.metrics
+            .viewer_closed(Some(CloseReason::TooManyViewers.code()));
         return;
     };
     let viewer = guard.viewer().id;
-    info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, target = %ticket.target, tls = peer.tls, "viewer connected");
+    let started = tokio::time::Instant::now();
+    events::viewer_connected(
+        &session.vm_id,
+        session.port,
+        viewer,
+        peer.addr,
+        &ticket.target,
+        peer.tls,
+    );
     let outcome = relay::run_relay(
         client,
         &ticket.target,
+        |took| {
+            ctx.metrics.target_connected(took);
+            ctx.metrics.viewer_connect(ConnectOutcome::Ok);
+        },
         &guard.viewer().cancel,
         || {
             if guard.viewer().was_kicked() {
@@ -501,17 +530,27 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
         },
     )
     .await;
-    match (&outcome.close, &outcome.gone) {
-        (Some(reason), _) if reason.is_target_fault() => {
-            warn!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, code = reason.code(), reason = reason.reason(), "viewer closed")
-        }
-        (Some(reason), _) => {
-            info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, code = reason.code(), reason = reason.reason(), "viewer closed")
-        }
-        (None, gone) => {
-            info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, viewer, gone = gone.as_deref().unwrap_or(""), "viewer closed: connection gone")
-        }
+    if let Some(CloseReason::TargetUnreachable(_)) = &outcome.close {
+        ctx.metrics
+            .viewer_connect(ConnectOutcome::TargetUnreachable);
     }
+    let code = outcome.close.as_ref().map(CloseReason::code);
+    ctx.metrics.viewer_closed(code);
+    let traffic = &guard.viewer().traffic;
+    events::viewer_disconnected(&ViewerEnd {
+        vm_id: &session.vm_id,
+        port: session.port,
+        viewer,
+        peer: peer.addr,
+        duration: started.elapsed(),
+        bytes_to_client: traffic.to_client.load(std::sync::atomic::Ordering::Relaxed),
+        bytes_to_server: traffic.to_server.load(std::sync::atomic::Ordering::Relaxed),
+        code,
+        reason: match (&outcome.close, &outcome.gone) {
+            (Some(reason), _) => reason.reason(),
+            (None, gone) => gone.as_deref().unwrap_or("connection gone"),
+        },
+    });
 }
 
 /// The first value of `name` in a query string. Tokens are hex, so no percent-decoding is needed;

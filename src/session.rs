@@ -393,6 +393,21 @@ impl Session {
         true
     }
 
+    /// Bytes relayed over the session's life, `(to_client, to_server)`: ended viewers and the
+    /// live ones so far.
+    pub fn traffic_totals(&self) -> (u64, u64) {
+        let live = lock(&self.viewers);
+        let (mut to_client, mut to_server) = (
+            self.ended_traffic.to_client.load(Ordering::Relaxed),
+            self.ended_traffic.to_server.load(Ordering::Relaxed),
+        );
+        for v in live.values() {
+            to_client += v.traffic.to_client.load(Ordering::Relaxed);
+            to_server += v.traffic.to_server.load(Ordering::Relaxed);
+        }
+        (to_client, to_server)
+    }
+
     pub fn viewer_count(&self) -> usize {
         lock(&self.viewers).len()
     }

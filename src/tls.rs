@@ -240,6 +240,20 @@ impl ReloadableTls {
         &self.files
     }
 
+    /// `notAfter` of the leaf certificate new handshakes present (RFC 5280 section 4.1.2.5);
+    /// `None` if it cannot be parsed (rustls accepted it, so that is not expected).
+    pub fn not_after(&self) -> Option<std::time::SystemTime> {
+        let current = Arc::clone(&self.current.0.read().unwrap_or_else(|p| p.into_inner()));
+        let leaf = current.cert.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        let secs = cert.validity().not_after.timestamp();
+        let epoch = std::time::SystemTime::UNIX_EPOCH;
+        match u64::try_from(secs) {
+            Ok(s) => epoch.checked_add(std::time::Duration::from_secs(s)),
+            Err(_) => epoch.checked_sub(std::time::Duration::from_secs(secs.unsigned_abs())),
+        }
+    }
+
     /// Why the last reload failed, until one succeeds.
     pub fn warning(&self) -> Option<String> {
         self.failure
