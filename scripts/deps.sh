@@ -14,9 +14,10 @@ npm_ci() { # DIR: npm ci when node_modules is missing or older than the lock fil
 npm_ci static
 
 if [ "${1:-}" = "--test" ]; then
-  # Real VNC servers (Xvnc, QEMU with SeaBIOS), X clients, the browser, Debian's noVNC app.
+  # Real VNC servers (Xvnc, QEMU with SeaBIOS), X clients, the browser, Debian's noVNC app,
+  # Prometheus (and promtool) for the metrics test.
   packages=(tigervnc-standalone-server tigervnc-tools xterm x11-xserver-utils xclip
-            qemu-system-x86 chromium novnc)
+            qemu-system-x86 chromium novnc prometheus)
   missing=()
   for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -483,12 +483,25 @@ pub struct DaemonProcess {
 
 impl DaemonProcess {
     pub async fn spawn(ports: u16, extra: &[&str]) -> DaemonProcess {
+        Self::spawn_logging_to(ports, extra, None).await
+    }
+
+    /// [`DaemonProcess::spawn`] with the daemon's stderr (its log) written to `log`.
+    pub async fn spawn_logging_to(
+        ports: u16,
+        extra: &[&str],
+        log: Option<&std::path::Path>,
+    ) -> DaemonProcess {
         let block = PortBlock::take();
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, block.spare()));
         let range = block.range(ports);
         let state = StateDir::new();
         let args = Self::args(api, &range, &state, extra);
-        let child = Self::launch(&args);
+        let mut command = Self::command(&args);
+        if let Some(path) = log {
+            command.stderr(File::create(path).expect("create the daemon's log file"));
+        }
+        let child = command.spawn().expect("start the vncgate binary");
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build_http();
@@ -528,13 +541,20 @@ impl DaemonProcess {
 
     /// Starts `vncgate serve ARGS` (not waiting for it).
     pub fn launch(args: &[String]) -> std::process::Child {
-        std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+        Self::command(args)
+            .spawn()
+            .expect("start the vncgate binary")
+    }
+
+    /// The command that runs `vncgate serve ARGS`, logging warnings and errors only.
+    pub fn command(args: &[String]) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"));
+        command
             .arg("serve")
             .args(args)
             .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("start the vncgate binary")
+            .stdin(std::process::Stdio::null());
+        command
     }
 
     /// Waits until `/healthz` answers (the daemon binds the API last).
