@@ -382,6 +382,10 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
         pool_foreign: pool.foreign_ports as u64,
         bytes_to_client: to_client,
         bytes_to_server: to_server,
+        state_write_failures: registry
+            .commit_stats()
+            .failures
+            .load(std::sync::atomic::Ordering::Relaxed),
         cert_not_after,
     });
     let openmetrics = headers

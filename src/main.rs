@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vncgate::client::ApiClient;
 use vncgate::config::ServeArgs;
 use vncgate::{Daemon, raise_nofile_limit};
@@ -79,6 +79,14 @@ enum Command {
         #[arg(long)]
         disconnect: bool,
     },
+    /// Print the shell completion script: vncgate completions bash > /etc/bash_completion.d/vncgate
+    Completions { shell: clap_complete::Shell },
+    /// Print a man page (roff): vncgate man > vncgate.1, vncgate man serve > vncgate-serve.1
+    #[command(hide = true)]
+    Man {
+        /// The subcommand whose page to print (its flags); none: the main page
+        subcommand: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,6 +118,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )?)
     };
     let output = match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "vncgate",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man { subcommand } => {
+            let main = Cli::command();
+            let page = match subcommand {
+                None => main,
+                Some(name) => {
+                    let sub = main
+                        .find_subcommand(name)
+                        .with_context(|| format!("no subcommand {name:?}"))?
+                        .clone();
+                    // A one-shot command: the title string lives until exit anyway.
+                    let title: &'static str = format!("vncgate-{name}").leak();
+                    sub.name(title).version(env!("CARGO_PKG_VERSION"))
+                }
+            };
+            clap_mangen::Man::new(page)
+                .render(&mut std::io::stdout())
+                .context("cannot write the man page")?;
+            return Ok(());
+        }
         Command::Serve(args) => {
             let mut args = args.clone();
             args.api_token_file = cli.api_token_file.clone();

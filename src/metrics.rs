@@ -124,6 +124,8 @@ pub struct Snapshot {
     /// Bytes relayed since start, each way (closed sessions included).
     pub bytes_to_client: u64,
     pub bytes_to_server: u64,
+    /// State file writes that failed since start (each rolled its calls back).
+    pub state_write_failures: u64,
     /// `notAfter` of the certificate each TLS listener presents: `("session" | "api", time)`.
     pub cert_not_after: Vec<(&'static str, SystemTime)>,
 }
@@ -145,6 +147,7 @@ pub struct Metrics {
     api_request: Histogram,
     cert_expiry: Family<Label, Gauge<f64, AtomicU64>>,
     cleanup_closed: Counter,
+    state_write_failures: Counter,
     /// Bytes of sessions that have closed, each way: a closed session's bytes stay counted.
     closed_to_client: AtomicU64,
     closed_to_server: AtomicU64,
@@ -181,6 +184,7 @@ impl Metrics {
             api_request: Histogram::new(latency_buckets()),
             cert_expiry: Family::default(),
             cleanup_closed: Counter::default(),
+            state_write_failures: Counter::default(),
             closed_to_client: AtomicU64::new(0),
             closed_to_server: AtomicU64::new(0),
             scrape: Mutex::new(()),
@@ -246,6 +250,11 @@ impl Metrics {
             "cleanup_closed",
             "Sessions the cleanup pass closed",
             m.cleanup_closed.clone(),
+        );
+        registry.register(
+            "state_write_failures",
+            "State file writes that failed (the calls they carried were rolled back)",
+            m.state_write_failures.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -343,6 +352,11 @@ impl Metrics {
                 counter.inc_by(total - seen);
             }
         }
+        let seen = self.state_write_failures.get();
+        if now.state_write_failures > seen {
+            self.state_write_failures
+                .inc_by(now.state_write_failures - seen);
+        }
         let wall = SystemTime::now();
         for (listener, not_after) in &now.cert_not_after {
             let left = match not_after.duration_since(wall) {
@@ -384,6 +398,7 @@ mod tests {
             pool_foreign: 1,
             bytes_to_client: 100,
             bytes_to_server: 40,
+            state_write_failures: 2,
             cert_not_after: vec![("session", SystemTime::now() + Duration::from_secs(3600))],
         });
         for line in [
@@ -397,6 +412,7 @@ mod tests {
             "vncgate_viewer_closes_total{code=\"other\"} 1",
             "vncgate_target_connect_seconds_count 1",
             "vncgate_cleanup_closed_total 1",
+            "vncgate_state_write_failures_total 2",
             "# TYPE vncgate_state_commit_seconds histogram",
             "# TYPE vncgate_api_request_seconds histogram",
             "vncgate_tls_cert_expiry_seconds{listener=\"session\"} 3",
