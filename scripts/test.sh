@@ -14,3 +14,6 @@ cargo test -q 2>&1 | tee "$log"
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "all test binaries: %d passed, %d failed\n", p, f }' "$log"
+
+# The Debian package as an operator gets it: built, installed, run with its own config, removed.
+bash scripts/package.sh --check
