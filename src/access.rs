@@ -368,7 +368,8 @@ struct FailWindow {
 /// the client is refused for [`FAIL_WINDOW`]. Uses tokio's clock, so tests can pause it.
 #[derive(Debug)]
 pub struct FailLimiter {
-    limit: u32,
+    /// Changed by a config reload (SIGHUP).
+    limit: std::sync::atomic::AtomicU32,
     /// Sharded: every token check on every port reads it.
     table: DashMap<ClientKey, FailWindow>,
     /// When the table was last swept of expired windows.
@@ -383,7 +384,7 @@ impl FailLimiter {
     /// `limit` failures a minute; 0 turns the limit off.
     pub fn new(limit: u32) -> FailLimiter {
         FailLimiter {
-            limit,
+            limit: std::sync::atomic::AtomicU32::new(limit),
             table: DashMap::new(),
             last_sweep: Mutex::new(None),
             block_log: Throttle::new(),
@@ -391,9 +392,14 @@ impl FailLimiter {
         }
     }
 
+    /// A new limit (config reload); counts so far are kept.
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
     /// Seconds until `addr` may try again, if it is blocked now.
     pub fn blocked(&self, addr: IpAddr) -> Option<u64> {
-        if self.limit == 0 {
+        if self.limit.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let now = Instant::now();
@@ -408,7 +414,7 @@ impl FailLimiter {
     /// Counts one failed token check of `addr`; the one that reaches the limit blocks the
     /// client and is logged (once per block, not once per refusal).
     pub fn record_failure(&self, addr: IpAddr) {
-        if self.limit == 0 {
+        if self.limit.load(Ordering::Relaxed) == 0 {
             return;
         }
         let now = Instant::now();
@@ -434,7 +440,7 @@ impl FailLimiter {
             };
         }
         window.failures += 1;
-        if window.failures >= self.limit && window.blocked_until.is_none() {
+        if window.failures >= self.limit.load(Ordering::Relaxed) && window.blocked_until.is_none() {
             window.blocked_until = Some(now + FAIL_WINDOW);
             // Once a minute for all clients together: many addresses must not mean many lines.
             if let Some(held_back) = self.block_log.ready(FAIL_WINDOW) {
@@ -473,8 +479,9 @@ impl FailLimiter {
 /// (`--max-pending-per-ip`) and client connections of the whole daemon (`--max-connections`).
 #[derive(Debug)]
 pub struct ConnectionLimits {
-    max_total: usize,
-    max_pending_per_ip: usize,
+    /// Both changed by a config reload (SIGHUP).
+    max_total: AtomicUsize,
+    max_pending_per_ip: AtomicUsize,
     total: AtomicUsize,
     pending: Mutex<HashMap<ClientKey, usize>>,
     refused_total: AtomicU64,
@@ -495,14 +502,21 @@ pub enum AcceptRefusal {
 impl ConnectionLimits {
     pub fn new(max_total: usize, max_pending_per_ip: usize) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
-            max_total,
-            max_pending_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_pending_per_ip: AtomicUsize::new(max_pending_per_ip),
             total: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
             refused_total: AtomicU64::new(0),
             refused_pending: AtomicU64::new(0),
             last_warned: Mutex::new(None),
         })
+    }
+
+    /// New caps (config reload): connections already open stay, new ones meet the new caps.
+    pub fn set_caps(&self, max_total: usize, max_pending_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_pending_per_ip
+            .store(max_pending_per_ip, Ordering::Relaxed);
     }
 
     /// Takes a slot for a new connection from `peer`, pending until
@@ -517,7 +531,7 @@ impl ConnectionLimits {
         let taken = self
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_total).then_some(n + 1)
+                (n < self.max_total.load(Ordering::Relaxed)).then_some(n + 1)
             });
         if taken.is_err() {
             self.refused_total.fetch_add(1, Ordering::Relaxed);
@@ -533,7 +547,7 @@ impl ConnectionLimits {
             let key = ClientKey::of(peer);
             let mut pending = lock(&self.pending);
             let n = pending.entry(key).or_insert(0);
-            if *n >= self.max_pending_per_ip {
+            if *n >= self.max_pending_per_ip.load(Ordering::Relaxed) {
                 drop(pending);
                 // Dropping the slot gives the daemon-wide place back.
                 drop(slot);
@@ -557,13 +571,13 @@ impl ConnectionLimits {
         match why {
             AcceptRefusal::Daemon => warn!(
                 peer = %peer,
-                max_connections = self.max_total,
+                max_connections = self.max_total.load(Ordering::Relaxed),
                 refused = self.refused_total.load(Ordering::Relaxed),
                 "connections closed at accept: --max-connections reached (logged once a minute)"
             ),
             AcceptRefusal::Pending => warn!(
                 client = %ClientKey::of(peer),
-                max_pending_per_ip = self.max_pending_per_ip,
+                max_pending_per_ip = self.max_pending_per_ip.load(Ordering::Relaxed),
                 refused = self.refused_pending.load(Ordering::Relaxed),
                 "connections closed at accept: a client holds --max-pending-per-ip connections that have not upgraded (logged once a minute)"
             ),

@@ -85,7 +85,6 @@ pub struct ApiState {
     pub registry: Arc<SessionRegistry>,
     /// `--public-host`; `None` means "the Host header of the request".
     pub public_host: Option<String>,
-    pub max_sessions: usize,
     pub started: Instant,
     /// The API's own TLS (`--api-cert`), whose failed reloads show in status warnings.
     pub api_tls: Option<Arc<crate::tls::ReloadableTls>>,
@@ -615,15 +614,17 @@ async fn status(State(state): State<ApiState>) -> Json<Status> {
     }
     let (refused_max_connections, refused_max_pending) = state.limits.refused();
     // 80% of the cap: time to act before opens start failing.
-    if active_sessions * 5 >= state.max_sessions * 4 {
+    // The cap a config reload may have changed.
+    let max_sessions = state.registry.pool().cap();
+    if active_sessions * 5 >= max_sessions * 4 {
         warnings.push(format!(
             "{active_sessions} of {} sessions in use (80% or more of --max-sessions)",
-            state.max_sessions
+            max_sessions
         ));
     }
     Json(Status {
         port_pool: state.registry.pool().stats().into(),
-        max_sessions: state.max_sessions,
+        max_sessions,
         active_sessions,
         active_connections: state.registry.connection_count(),
         system_health: if warnings.is_empty() {

@@ -75,6 +75,13 @@ pub struct Daemon {
     /// The API's bearer token (and Host/Origin checks), reloaded by [`Daemon::reload`].
     api_guard: Arc<ApiGuard>,
     limits: Arc<ConnectionLimits>,
+    /// What the session servers share (viewer cap, failed-token limit), for config reloads.
+    ctx: Arc<ServerContext>,
+    /// The configuration the daemon started with: settings a reload cannot change are
+    /// compared with it.
+    started: Config,
+    /// The soft open-files limit at start, for the default `--max-connections`.
+    nofile: u64,
     _lock: StateLock,
 }
 
@@ -158,7 +165,7 @@ impl Daemon {
                 ping_interval: config.ping_interval,
                 idle_timeout: config.idle_timeout,
             },
-            max_viewers: config.max_connections_per_session,
+            max_viewers: std::sync::atomic::AtomicUsize::new(config.max_connections_per_session),
             web: match &config.web {
                 Some(dir) => WebRoot::Dir(dir.clone()),
                 None => WebRoot::Bundled,
@@ -172,7 +179,7 @@ impl Daemon {
             csp,
             metrics: Arc::new(crate::metrics::Metrics::new()),
         });
-        let registry = SessionRegistry::new(pool, ctx, config.state_file.clone());
+        let registry = SessionRegistry::new(pool, Arc::clone(&ctx), config.state_file.clone());
         let stored = records.len();
         registry.restore(records);
         if stored > 0 {
@@ -196,7 +203,6 @@ impl Daemon {
         let app = api::router(ApiState {
             registry: Arc::clone(&registry),
             public_host: config.public_host.clone(),
-            max_sessions: config.max_sessions,
             started: Instant::now(),
             api_tls: api_tls.clone(),
             guard: Arc::clone(&api_guard),
@@ -247,8 +253,59 @@ impl Daemon {
             tls: session_tls.into_iter().chain(api_tls).collect(),
             api_guard,
             limits,
+            ctx,
+            started: config,
+            nofile,
             _lock: lock,
         })
+    }
+
+    /// `SIGHUP` with a configuration read again: puts in place what can change while sessions
+    /// live (`--port-range`, `--max-sessions`, `--max-connections`, `--max-pending-per-ip`,
+    /// `--auth-fail-limit`, `--max-connections-per-session`; the log level is the caller's) and
+    /// names, in a warning, changed settings that need a restart. No session is dropped:
+    /// sessions outside a new range keep their ports until they close. Clears the warning of
+    /// an earlier refused reload.
+    pub fn reconfigure(&self, new: &Config) {
+        self.registry
+            .pool()
+            .reconfigure(new.port_range.clone(), new.max_sessions);
+        let fitting = access::default_max_connections(self.nofile, new.port_range.len());
+        let max_connections = new.max_connections.unwrap_or(fitting);
+        self.limits
+            .set_caps(max_connections, new.max_pending_per_ip);
+        self.ctx.access.failures.set_limit(new.auth_fail_limit);
+        self.ctx.max_viewers.store(
+            new.max_connections_per_session,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.registry.set_config_failure(None);
+        let needs_restart = restart_only_changes(&self.started, new);
+        if !needs_restart.is_empty() {
+            warn!(
+                settings = %needs_restart.join(", "),
+                "SIGHUP: these settings change only at a restart; the daemon keeps the values it started with"
+            );
+        }
+        info!(
+            port_range = %format!("{}-{}", new.port_range.start(), new.port_range.end()),
+            max_sessions = new.max_sessions,
+            max_connections,
+            max_pending_per_ip = new.max_pending_per_ip,
+            auth_fail_limit = new.auth_fail_limit,
+            max_connections_per_session = new.max_connections_per_session,
+            sessions = self.registry.len(),
+            "configuration reloaded"
+        );
+    }
+
+    /// `SIGHUP` with a configuration that does not validate: the daemon keeps the one it has,
+    /// and says why in the log and in `/v1/status` warnings until a reload succeeds.
+    pub fn reconfigure_failed(&self, why: &str) {
+        warn!(error = %why, "SIGHUP: the configuration does not validate; keeping the current one");
+        self.registry.set_config_failure(Some(format!(
+            "config reload refused, still running the previous configuration: {why}"
+        )));
     }
 
     /// `SIGHUP`: re-reads every certificate and key, and `--api-token-file`. New handshakes
@@ -327,4 +384,68 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.root.cancel();
     }
+}
+
+/// The settings of `new` that differ from `old` and only take effect at a restart (listeners,
+/// files, access policy, timers), by flag name.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    // Debug renderings compare the parsed values (origins, CIDRs, paths) without requiring
+    // every config type to implement PartialEq.
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let checks: [(&'static str, bool); 21] = [
+        ("--api-listen", differs(&old.api_listen, &new.api_listen)),
+        ("--listen-host", differs(&old.listen_host, &new.listen_host)),
+        ("--public-host", differs(&old.public_host, &new.public_host)),
+        (
+            "--ping-interval",
+            differs(&old.ping_interval, &new.ping_interval),
+        ),
+        (
+            "--idle-timeout",
+            differs(&old.idle_timeout, &new.idle_timeout),
+        ),
+        ("--web", differs(&old.web, &new.web)),
+        ("--state-file", differs(&old.state_file, &new.state_file)),
+        ("--cert/--key", differs(&old.tls, &new.tls)),
+        ("--api-cert/--api-key", differs(&old.api_tls, &new.api_tls)),
+        (
+            "--tls-min-version",
+            differs(&old.tls_min_version, &new.tls_min_version),
+        ),
+        (
+            "--api-token-file",
+            differs(&old.api_token_file, &new.api_token_file),
+        ),
+        (
+            "--allowed-origins",
+            differs(&old.allowed_origins, &new.allowed_origins),
+        ),
+        (
+            "--trusted-proxies",
+            differs(&old.trusted_proxies, &new.trusted_proxies),
+        ),
+        ("--token-ttl", differs(&old.token_ttl, &new.token_ttl)),
+        (
+            "--api-allowed-origins",
+            differs(&old.api_allowed_origins, &new.api_allowed_origins),
+        ),
+        ("--api-hosts", differs(&old.api_hosts, &new.api_hosts)),
+        (
+            "--frame-ancestors",
+            differs(&old.frame_ancestors, &new.frame_ancestors),
+        ),
+        (
+            "--cleanup-interval",
+            differs(&old.cleanup_interval, &new.cleanup_interval),
+        ),
+        ("--stale-after", differs(&old.stale_after, &new.stale_after)),
+        ("--log-format", differs(&old.log_format, &new.log_format)),
+        ("--start-empty", differs(&old.start_empty, &new.start_empty)),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(flag, changed)| changed.then_some(flag))
+        .collect()
 }

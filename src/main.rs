@@ -179,7 +179,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     // Resolved once for the log settings, then again with the sink installed so the warnings
     // resolving gives (clamped values, an ephemeral-range overlap) reach it.
     let first = args.resolve().context("invalid configuration")?;
-    let _log = vncgate::events::install(first.log_format, first.log_level.as_deref())
+    let log = vncgate::events::install(first.log_format, first.log_level.as_deref())
         .map_err(anyhow::Error::msg)?;
     let config = args.resolve().context("invalid configuration")?;
     raise_nofile_limit();
@@ -187,7 +187,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     // its sessions must not take the default action, which ends the process.
     let mut signals = Signals::install()?;
     let daemon = Daemon::start(config).await?;
-    signals.run_until_stopped(&daemon).await;
+    signals.run_until_stopped(&daemon, args, &log).await;
     tracing::info!("shutting down");
     daemon.shutdown().await;
     Ok(())
@@ -210,8 +210,14 @@ impl Signals {
         })
     }
 
-    /// Waits for SIGINT or SIGTERM; SIGHUP on the way reloads certificates.
-    async fn run_until_stopped(&mut self, daemon: &Daemon) {
+    /// Waits for SIGINT or SIGTERM; SIGHUP on the way reloads certificates, the API token and
+    /// the configuration file.
+    async fn run_until_stopped(
+        &mut self,
+        daemon: &Daemon,
+        args: &ServeArgs,
+        log: &vncgate::events::LogControl,
+    ) {
         loop {
             tokio::select! {
                 _ = self.int.recv() => return,
@@ -219,6 +225,14 @@ impl Signals {
                 _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
                     daemon.reload();
+                    // The config file again (flags and environment are what they were).
+                    match args.resolve() {
+                        Ok(config) => match log.set_level(config.log_level.as_deref()) {
+                            Ok(()) => daemon.reconfigure(&config),
+                            Err(why) => daemon.reconfigure_failed(&why),
+                        },
+                        Err(err) => daemon.reconfigure_failed(&err.to_string()),
+                    }
                 }
             }
         }

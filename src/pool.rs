@@ -60,18 +60,20 @@ pub struct PoolStats {
     pub foreign_ports: usize,
 }
 
-/// A range of ports, each either free, allocated to a session, or (for a while) foreign.
+/// A range of ports, each either free, allocated to a session, or (for a while) foreign. The
+/// range and the cap can change while the daemon runs (SIGHUP): sessions on ports outside a new
+/// range keep them until they close; new opens use the new range.
 #[derive(Debug)]
 pub struct PortPool {
-    range: RangeInclusive<u16>,
-    cap: usize,
     host: IpAddr,
     inner: Mutex<PoolInner>,
 }
 
 #[derive(Debug)]
 struct PoolInner {
-    /// Indexed by `port - first`.
+    range: RangeInclusive<u16>,
+    cap: usize,
+    /// Indexed by port (64 KiB): a session keeps its port when the range moves away from it.
     allocated: Vec<bool>,
     allocated_count: usize,
     /// Port -> when it was found held by another process.
@@ -99,26 +101,34 @@ impl Drop for PortLease {
 }
 
 impl PortPool {
+    /// A pool of `range` with at most `cap` sessions (clamped to the range's size).
     pub fn new(range: RangeInclusive<u16>, cap: usize, host: IpAddr) -> Arc<Self> {
-        let len = range.len();
         Arc::new(PortPool {
-            range,
-            cap: cap.min(len),
             host,
             inner: Mutex::new(PoolInner {
-                allocated: vec![false; len],
+                cap: cap.min(range.len()),
+                range,
+                allocated: vec![false; usize::from(u16::MAX) + 1],
                 allocated_count: 0,
                 foreign: HashMap::new(),
             }),
         })
     }
 
-    pub fn range(&self) -> &RangeInclusive<u16> {
-        &self.range
+    pub fn range(&self) -> RangeInclusive<u16> {
+        self.lock().range.clone()
     }
 
     pub fn cap(&self) -> usize {
-        self.cap
+        self.lock().cap
+    }
+
+    /// Puts a new range and cap (clamped to the range's size) in place: later opens use them;
+    /// sessions keep the ports they have, inside the range or not.
+    pub fn reconfigure(&self, range: RangeInclusive<u16>, cap: usize) {
+        let mut inner = self.lock();
+        inner.cap = cap.min(range.len());
+        inner.range = range;
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolInner> {
@@ -133,22 +143,20 @@ impl PortPool {
     /// expires, so a crowded range does not turn into a bind storm.
     pub fn allocate(self: &Arc<Self>) -> Result<(PortLease, std::net::TcpListener), PoolError> {
         let mut inner = self.lock();
-        if inner.allocated_count >= self.cap {
-            return Err(self.at_cap(&inner));
+        if inner.allocated_count >= inner.cap {
+            return Err(at_cap(&inner));
         }
         let now = Instant::now();
         inner
             .foreign
             .retain(|_, since| now.duration_since(*since) < FOREIGN_HOLD);
-        let first = *self.range.start();
-        for idx in 0..inner.allocated.len() {
-            let port = first + idx as u16;
-            if inner.allocated[idx] || inner.foreign.contains_key(&port) {
+        for port in inner.range.clone() {
+            if inner.allocated[usize::from(port)] || inner.foreign.contains_key(&port) {
                 continue;
             }
             match bind_listener(SocketAddr::new(self.host, port)) {
                 Ok(listener) => {
-                    inner.allocated[idx] = true;
+                    inner.allocated[usize::from(port)] = true;
                     inner.allocated_count += 1;
                     return Ok((
                         PortLease {
@@ -166,22 +174,23 @@ impl PortPool {
             }
         }
         Err(PoolError::NoBindablePort {
-            first,
-            last: *self.range.end(),
+            first: *inner.range.start(),
+            last: *inner.range.end(),
             allocated: inner.allocated_count,
             foreign: inner.foreign.len(),
-            cap: self.cap,
+            cap: inner.cap,
         })
     }
 
-    /// Binds one given port: a restarted daemon puts a session back where it was. The cap is
-    /// not checked (a lowered `--max-sessions` must not drop live consoles at restart).
+    /// Binds one given port of the range: a restarted daemon puts a session back where it was.
+    /// The cap is not checked (a lowered `--max-sessions` must not drop live consoles at
+    /// restart).
     pub fn allocate_port(
         self: &Arc<Self>,
         port: u16,
     ) -> Result<(PortLease, std::net::TcpListener), PoolError> {
         let mut inner = self.lock();
-        let Some(idx) = self.index(port).filter(|&i| !inner.allocated[i]) else {
+        if !inner.range.contains(&port) || inner.allocated[usize::from(port)] {
             return Err(PoolError::Bind {
                 port,
                 source: io::Error::new(
@@ -189,10 +198,10 @@ impl PortPool {
                     "the port is outside --port-range or already allocated",
                 ),
             });
-        };
+        }
         match bind_listener(SocketAddr::new(self.host, port)) {
             Ok(listener) => {
-                inner.allocated[idx] = true;
+                inner.allocated[usize::from(port)] = true;
                 inner.allocated_count += 1;
                 inner.foreign.remove(&port);
                 Ok((
@@ -212,31 +221,16 @@ impl PortPool {
         }
     }
 
-    fn at_cap(&self, inner: &PoolInner) -> PoolError {
-        PoolError::AtCap {
-            allocated: inner.allocated_count,
-            cap: self.cap,
-            first: *self.range.start(),
-            last: *self.range.end(),
-        }
-    }
-
-    fn index(&self, port: u16) -> Option<usize> {
-        self.range
-            .contains(&port)
-            .then(|| usize::from(port - self.range.start()))
-    }
-
     fn release(&self, port: u16) {
         let mut inner = self.lock();
-        if let Some(idx) = self.index(port)
-            && inner.allocated[idx]
-        {
-            inner.allocated[idx] = false;
+        if inner.allocated[usize::from(port)] {
+            inner.allocated[usize::from(port)] = false;
             inner.allocated_count -= 1;
         }
     }
 
+    /// Counts of the current range; `allocated_ports` counts every session, also those on a
+    /// port a reload moved the range away from.
     pub fn stats(&self) -> PoolStats {
         let inner = self.lock();
         let now = Instant::now();
@@ -245,16 +239,31 @@ impl PortPool {
             .iter()
             .filter(|(port, since)| {
                 now.duration_since(**since) < FOREIGN_HOLD
-                    && self.index(**port).is_some_and(|i| !inner.allocated[i])
+                    && inner.range.contains(port)
+                    && !inner.allocated[usize::from(**port)]
             })
             .count();
-        let total = inner.allocated.len();
+        let in_range = inner
+            .range
+            .clone()
+            .filter(|p| inner.allocated[usize::from(*p)])
+            .count();
+        let total = inner.range.len();
         PoolStats {
             total_ports: total,
             allocated_ports: inner.allocated_count,
             foreign_ports: foreign,
-            free_ports: total.saturating_sub(inner.allocated_count + foreign),
+            free_ports: total.saturating_sub(in_range + foreign),
         }
+    }
+}
+
+fn at_cap(inner: &PoolInner) -> PoolError {
+    PoolError::AtCap {
+        allocated: inner.allocated_count,
+        cap: inner.cap,
+        first: *inner.range.start(),
+        last: *inner.range.end(),
     }
 }
 
@@ -324,5 +333,22 @@ mod tests {
         let _second = p.allocate().expect("second");
         let err = p.allocate().expect_err("nothing bindable");
         assert!(matches!(err, PoolError::NoBindablePort { foreign: 1, .. }));
+    }
+
+    #[test]
+    fn a_new_range_leaves_held_ports_and_serves_new_opens() {
+        let p = pool(31130, 2, 2);
+        let (old, _l) = p.allocate().expect("first");
+        assert_eq!(old.port(), 31130);
+        p.reconfigure(31140..=31142, 5);
+        assert_eq!(p.cap(), 3, "clamped to the range");
+        let (new, _l2) = p.allocate().expect("in the new range");
+        assert_eq!(new.port(), 31140);
+        let s = p.stats();
+        assert_eq!((s.total_ports, s.allocated_ports, s.free_ports), (3, 2, 2));
+        drop(old);
+        assert_eq!(p.stats().allocated_ports, 1, "released outside the range");
+        p.reconfigure(31140..=31142, 1);
+        assert!(p.allocate().expect_err("at the new cap").is_exhausted());
     }
 }

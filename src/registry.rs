@@ -83,6 +83,8 @@ pub struct SessionRegistry {
     degraded: Mutex<Vec<String>>,
     /// The last failed state write, cleared by the next good one.
     write_failure: Mutex<Option<String>>,
+    /// Why the last config reload (SIGHUP) was refused, until one succeeds.
+    config_failure: Mutex<Option<String>>,
     /// Itself, for the tasks that close a session at its `max_lifetime`.
     me: Weak<SessionRegistry>,
 }
@@ -151,6 +153,7 @@ impl SessionRegistry {
                 state_path,
                 degraded: Mutex::new(Vec::new()),
                 write_failure: Mutex::new(None),
+                config_failure: Mutex::new(None),
                 me: weak.clone(),
             }
         })
@@ -495,6 +498,11 @@ impl SessionRegistry {
         self.ctx.tls.as_ref().and_then(|t| t.not_after())
     }
 
+    /// Records (or clears, with `None`) why a config reload was refused, for status warnings.
+    pub fn set_config_failure(&self, why: Option<String>) {
+        *lock(&self.config_failure) = why;
+    }
+
     /// Requests answered 429 by the failed-token limit since start.
     pub fn rate_limited(&self) -> u64 {
         self.ctx.access.failures.refused()
@@ -507,6 +515,9 @@ impl SessionRegistry {
             all.push(tls);
         }
         if let Some(f) = lock(&self.write_failure).clone() {
+            all.push(f);
+        }
+        if let Some(f) = lock(&self.config_failure).clone() {
             all.push(f);
         }
         all

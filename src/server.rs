@@ -35,7 +35,8 @@ use crate::ws::{FrameReader, FrameWriter, ReadSide};
 #[derive(Debug)]
 pub struct ServerContext {
     pub relay: RelaySettings,
-    pub max_viewers: usize,
+    /// `--max-connections-per-session`; changed by a config reload (SIGHUP).
+    pub max_viewers: std::sync::atomic::AtomicUsize,
     /// What plain GETs are served from.
     pub web: WebRoot,
     /// `--cert`/`--key`: session ports speak HTTPS/WSS only.
@@ -489,7 +490,11 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
     ctx: &ServerContext,
 ) {
     let mut client = ClientConn { reader, writer };
-    let Some(guard) = session.add_viewer(peer.addr, ctx.max_viewers, &ticket) else {
+    let Some(guard) = session.add_viewer(
+        peer.addr,
+        ctx.max_viewers.load(std::sync::atomic::Ordering::Relaxed),
+        &ticket,
+    ) else {
         info!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, "viewer refused: too many viewers");
         ctx.metrics.viewer_connect(ConnectOutcome::Cap);
         client.close(&CloseReason::TooManyViewers).await;
