@@ -29,4 +29,10 @@ if [ "${1:-}" = "--test" ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
   fi
   npm_ci tests/e2e
+  # PyPI tools of the OpenAPI test (schemathesis, openapi-spec-validator), pinned, in a
+  # virtualenv of the project's own (.venv, not committed).
+  if [ ! -x .venv/bin/st ] || [ ! -x .venv/bin/openapi-spec-validator ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check schemathesis==4.32.5 openapi-spec-validator==0.9.0
+  fi
 fi

@@ -29,7 +29,7 @@ pub const MAX_PROBES: usize = 256;
 pub const TARGET_GONE: &str = "target gone";
 
 /// One session a pass closed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ClosedSession {
     pub vm_id: String,
     pub target: String,
@@ -39,7 +39,7 @@ pub struct ClosedSession {
 }
 
 /// What a pass did (`POST /v1/cleanup`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CleanupReport {
     /// Sessions whose target was checked (those without a live viewer).
     pub checked: usize,

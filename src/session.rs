@@ -93,8 +93,8 @@ impl SessionLimits {
 /// some platforms and means "never" anyway; leave the field out for that).
 pub const MAX_LIMIT: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
-/// Reads a per-session limit: a humantime duration (`90s`, `15m`, `1h 30m`) or a number of
-/// seconds, above zero and at most [`MAX_LIMIT`]. The error says what was wrong, for a 400
+/// Reads a per-session limit: a humantime duration (`90s`, `15m`, `1h 30m`) above zero, or a
+/// number of seconds of at least [`MIN_LIMIT_SECS`]; at most [`MAX_LIMIT`]. The error says what was wrong, for a 400
 /// that names the field.
 pub fn parse_limit(value: &serde_json::Value) -> Result<Duration, String> {
     let d = match value {
@@ -103,10 +103,14 @@ pub fn parse_limit(value: &serde_json::Value) -> Result<Duration, String> {
         serde_json::Value::Number(n) => match n.as_u64() {
             Some(secs) => Duration::from_secs(secs),
             None => match n.as_f64() {
-                Some(f) if f.is_finite() && f > 0.0 && f <= MAX_LIMIT.as_secs_f64() => {
+                Some(f) if f.is_finite() && f >= MIN_LIMIT_SECS && f <= MAX_LIMIT.as_secs_f64() => {
                     Duration::from_secs_f64(f)
                 }
-                _ => return Err(format!("{n} is not a number of seconds above 0")),
+                _ => {
+                    return Err(format!(
+                        "{n} is not a number of seconds from {MIN_LIMIT_SECS} to 10 years"
+                    ));
+                }
             },
         },
         other => return Err(format!("{other} is not a duration")),
@@ -119,6 +123,10 @@ pub fn parse_limit(value: &serde_json::Value) -> Result<Duration, String> {
     }
     Ok(d)
 }
+
+/// The smallest number of seconds a limit may be given as (1 ms): smaller fractions would
+/// round to nothing.
+pub const MIN_LIMIT_SECS: f64 = 0.001;
 
 /// A duration as the API and the state file write it: humantime's `1h 30m`.
 pub(crate) fn duration_text(d: Duration) -> String {
@@ -571,9 +579,11 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
 }
 
 /// The Session object of the API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub vm_id: String,
+    /// `host:port`, `[v6]:port` or `unix:/path`.
+    #[schema(value_type = String, example = "127.0.0.1:5901")]
     pub target: Target,
     pub ws_port: u16,
     pub url: String,
@@ -596,7 +606,8 @@ pub struct SessionInfo {
     pub viewers: Vec<ViewerInfo>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One live viewer of a session.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ViewerInfo {
     pub id: u64,
     pub peer: String,
