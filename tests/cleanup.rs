@@ -240,34 +240,61 @@ async fn a_stopped_xvnc_loses_its_session_and_the_port_is_bound_again() {
     if !require(&["Xvnc"]) {
         return;
     }
-    bounded(Duration::from_secs(60), async {
-        let scratch = Scratch::new("cleanup-xvnc");
-        let xvnc = Xvnc::start(&scratch.0, "cleanup").await;
+    bounded(Duration::from_secs(90), async {
+        let gone_dir = Scratch::new("cleanup-xvnc");
+        let back_dir = Scratch::new("cleanup-xvnc-back");
+        let xvnc = Xvnc::start(&gone_dir.0, "cleanup").await;
+        let back = Xvnc::start(&back_dir.0, "cleanup-back").await;
         let daemon =
-            DaemonProcess::spawn(2, &["--cleanup-interval", "500ms", "--stale-after", "2s"]).await;
+            DaemonProcess::spawn(3, &["--cleanup-interval", "500ms", "--stale-after", "5s"]).await;
         let session = daemon
             .open_ok("vm-xvnc", &format!("unix:{}", xvnc.socket.display()))
             .await;
-        // While it runs, passes keep it.
+        daemon
+            .open_ok("vm-back", &format!("unix:{}", back.socket.display()))
+            .await;
+        // While they run, passes keep them.
         let (_, report) = daemon.call("POST", "/v1/cleanup", None).await;
+        assert_eq!(report["checked"], 2, "{report}");
         assert_eq!(report["closed"], serde_json::json!([]), "{report}");
+        let stopped = tokio::time::Instant::now();
+        let back_socket = back.socket.clone();
         drop(xvnc);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        drop(back);
+        // vm-back's VNC server comes back well within --stale-after (a VM that rebooted).
+        let _ = std::fs::remove_file(&back_socket);
+        let back = Xvnc::start(&back_dir.0, "cleanup-back").await;
+        assert!(
+            stopped.elapsed() < Duration::from_secs(4),
+            "Xvnc took {:?} to come back: too close to --stale-after for this test",
+            stopped.elapsed()
+        );
+        let deadline = stopped + Duration::from_secs(30);
         // The session leaves the table as its close starts and frees its port as the close
         // ends (a DELETE answers after both); wait for both.
         loop {
             let gone = daemon.call("GET", "/v1/sessions/vm-xvnc", None).await.0 == 404;
             let status = daemon.call("GET", "/v1/status", None).await.1;
-            if gone && status["port_pool"]["allocated_ports"] == 0 {
+            if gone && status["port_pool"]["allocated_ports"] == 1 {
                 break;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the session outlived its Xvnc by 20 s: {status}"
+                "the session outlived its Xvnc by 30 s: {status}"
             );
             // Polling the daemon's periodic pass.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        assert!(
+            stopped.elapsed() >= Duration::from_secs(5),
+            "closed before --stale-after: {:?}",
+            stopped.elapsed()
+        );
+        let (code, kept) = daemon.call("GET", "/v1/sessions/vm-back", None).await;
+        assert_eq!(
+            code, 200,
+            "the Xvnc that came back keeps its session: {kept}"
+        );
         let fake = FakeVnc::tcp(Mode::Echo).await;
         let next = daemon.open_ok("vm-next", &fake.target).await;
         assert_eq!(
@@ -276,6 +303,7 @@ async fn a_stopped_xvnc_loses_its_session_and_the_port_is_bound_again() {
         );
         let status = daemon.call("GET", "/v1/status", None).await.1;
         assert!(status["last_cleanup"].is_object(), "{status}");
+        drop(back);
     })
     .await;
 }
