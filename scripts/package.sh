@@ -26,6 +26,11 @@ echo "built $deb"
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo=sudo
+if dpkg -s vncgate >/dev/null 2>&1; then
+  echo "vncgate is installed on this machine: --check would replace and then remove it." >&2
+  echo "Run the check on a build machine or in a container." >&2
+  exit 1
+fi
 pid=""
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
@@ -35,24 +40,29 @@ trap cleanup EXIT
 
 $sudo dpkg -i "$deb"
 /usr/bin/vncgate --version
+unit=$(dpkg -L vncgate | grep '/systemd/system/vncgate.service$')
 test -s /usr/share/man/man1/vncgate-serve.1.gz
 test -s /usr/share/bash-completion/completions/vncgate
 test "$(stat -c %a /etc/vncgate/api-token)" = 600
 if command -v systemd-analyze >/dev/null; then
-  systemd-analyze verify /usr/lib/systemd/system/vncgate.service
+  systemd-analyze verify "$unit"
   echo "systemd-analyze verify: ok"
 fi
 
+# Where systemd runs, postinst leaves the state directory to StateDirectory=; this check runs
+# the binary by hand, so make it.
+$sudo install -d -m 0750 /var/lib/vncgate
 # The packaged config as installed; only the addresses move to free loopback ports (env beats
 # the file) so a daemon already on 6080 is not disturbed.
 api_port=$((20000 + RANDOM % 5000))
 log=$(mktemp)
 (cd /var/lib/vncgate &&
-  VNCGATE_API_LISTEN="127.0.0.1:$api_port" VNCGATE_PORT_RANGE="$((api_port + 1))-$((api_port + 20))" \
-  VNCGATE_LISTEN_HOST=127.0.0.1 VNCGATE_API_TOKEN_FILE=/etc/vncgate/api-token \
-  exec /usr/bin/vncgate serve --config /etc/vncgate/vncgate.toml) 2>"$log" &
+  exec $sudo env VNCGATE_API_LISTEN="127.0.0.1:$api_port" \
+    VNCGATE_PORT_RANGE="$((api_port + 1))-$((api_port + 20))" VNCGATE_LISTEN_HOST=127.0.0.1 \
+    VNCGATE_API_TOKEN_FILE=/etc/vncgate/api-token \
+    /usr/bin/vncgate serve --config /etc/vncgate/vncgate.toml) 2>"$log" &
 pid=$!
-token=$(head -n 1 /etc/vncgate/api-token)
+token=$($sudo head -n 1 /etc/vncgate/api-token)
 for _ in $(seq 1 100); do
   curl -fsS "http://127.0.0.1:$api_port/healthz" >/dev/null 2>&1 && break
   kill -0 "$pid" 2>/dev/null || { cat "$log"; echo "vncgate serve exited" >&2; exit 1; }
@@ -61,9 +71,9 @@ done
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$api_port/v1/status")
 [ "$code" = 401 ] || { echo "status without the token: $code, want 401" >&2; exit 1; }
 curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$api_port/v1/status" >/dev/null
-VNCGATE_API="http://127.0.0.1:$api_port" /usr/bin/vncgate --api-token-file /etc/vncgate/api-token \
-  open vm-pkg 127.0.0.1:5999
-test -s /var/lib/vncgate/vncgate-state.json
+$sudo env VNCGATE_API="http://127.0.0.1:$api_port" \
+  /usr/bin/vncgate --api-token-file /etc/vncgate/api-token open vm-pkg 127.0.0.1:5999
+$sudo test -s /var/lib/vncgate/vncgate-state.json
 kill "$pid"
 wait "$pid" || true
 pid=""

@@ -58,9 +58,9 @@ impl From<SessionError> for ApiError {
     fn from(err: SessionError) -> Self {
         let message = err.to_string();
         match err {
-            SessionError::InvalidVmId(_) | SessionError::InvalidTarget(_) => {
-                ApiError::invalid(message)
-            }
+            SessionError::InvalidVmId(_)
+            | SessionError::InvalidTarget(_)
+            | SessionError::LimitChange { .. } => ApiError::invalid(message),
             SessionError::Pool(p) if p.is_exhausted() => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pool_exhausted", message)
             }

@@ -100,6 +100,10 @@ pub struct Config {
     /// `--log-level`: a tracing filter such as `info` or `info,vncgate::events=warn`; `None`:
     /// `RUST_LOG`, else `info`.
     pub log_level: Option<String>,
+    /// `--libvirt`: the libvirt URI whose domains sessions follow (feature `libvirt`).
+    pub libvirt: Option<String>,
+    /// `--libvirt-id`: `name` (the domain's name is the vm_id) or `uuid`.
+    pub libvirt_id_uuid: bool,
 }
 
 /// How log lines are written (`--log-format`).
@@ -141,6 +145,8 @@ impl Default for Config {
             stale_after: DEFAULT_STALE_AFTER,
             log_format: LogFormat::Text,
             log_level: None,
+            libvirt: None,
+            libvirt_id_uuid: false,
         }
     }
 }
@@ -269,6 +275,12 @@ pub struct ServeArgs {
     /// Tracing filter, e.g. info or debug,hyper=info; reloaded on SIGHUP [default: RUST_LOG, else info]
     #[arg(long, env = "VNCGATE_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Follow this libvirt URI's domains, e.g. qemu:///system (built with the `libvirt` feature)
+    #[arg(long, env = "VNCGATE_LIBVIRT")]
+    pub libvirt: Option<String>,
+    /// With --libvirt: name (the domain name is the vm_id) or uuid [default: name]
+    #[arg(long, env = "VNCGATE_LIBVIRT_ID")]
+    pub libvirt_id: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -332,6 +344,9 @@ struct FileConfig {
     log_format: Option<String>,
     #[serde(alias = "log_level")]
     log_level: Option<String>,
+    libvirt: Option<String>,
+    #[serde(alias = "libvirt_id")]
+    libvirt_id: Option<String>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -515,6 +530,23 @@ impl ServeArgs {
                 ));
             }
             config.log_level = Some(v.trim().to_owned());
+        }
+        if let Some(v) = pick(&self.libvirt, file.libvirt) {
+            if !cfg!(feature = "libvirt") {
+                return Err(invalid(
+                    "--libvirt",
+                    &v,
+                    "this vncgate was built without libvirt support: build it with `cargo install --path . --features libvirt` (needs libvirt-dev)",
+                ));
+            }
+            config.libvirt = Some(v.trim().to_owned());
+        }
+        if let Some(v) = pick(&self.libvirt_id, file.libvirt_id) {
+            config.libvirt_id_uuid = match v.trim() {
+                "name" => false,
+                "uuid" => true,
+                _ => return Err(invalid("--libvirt-id", &v, "expected name or uuid")),
+            };
         }
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)

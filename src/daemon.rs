@@ -38,6 +38,8 @@ pub enum DaemonError {
     ApiToken(#[from] TokenFileError),
     #[error("--frame-ancestors: {0}")]
     FrameAncestors(String),
+    #[error("--libvirt: {0}")]
+    Libvirt(String),
     #[error("cannot write the restored session table: {0}")]
     FirstWrite(CommitError),
     #[error(
@@ -200,6 +202,20 @@ impl Daemon {
         if let Some(interval) = config.cleanup_interval {
             tracker.spawn(Arc::clone(&cleanup).run_every(interval));
         }
+        #[cfg(feature = "libvirt")]
+        if let Some(uri) = &config.libvirt {
+            let options = crate::libvirt::LibvirtOptions {
+                uri: uri.clone(),
+                id: if config.libvirt_id_uuid {
+                    crate::libvirt::IdMode::Uuid
+                } else {
+                    crate::libvirt::IdMode::Name
+                },
+            };
+            crate::libvirt::spawn(Arc::clone(&registry), options, &tracker, root.clone())
+                .map_err(|e| DaemonError::Libvirt(e.to_string()))?;
+            info!(uri, "following libvirt domains");
+        }
         let app = api::router(ApiState {
             registry: Arc::clone(&registry),
             public_host: config.public_host.clone(),
@@ -260,6 +276,20 @@ impl Daemon {
         })
     }
 
+    /// `SIGHUP`: reloads certificates and the API token ([`Daemon::reload`]), then applies
+    /// `config` (the configuration read again) and its log level, or, if it did not validate,
+    /// keeps the running one and says why.
+    pub fn hangup(&self, config: Result<Config, String>, log: &crate::events::LogControl) {
+        self.reload();
+        match config {
+            Ok(config) => match log.set_level(config.log_level.as_deref()) {
+                Ok(()) => self.reconfigure(&config),
+                Err(why) => self.reconfigure_failed(&why),
+            },
+            Err(why) => self.reconfigure_failed(&why),
+        }
+    }
+
     /// `SIGHUP` with a configuration read again: puts in place what can change while sessions
     /// live (`--port-range`, `--max-sessions`, `--max-connections`, `--max-pending-per-ip`,
     /// `--auth-fail-limit`, `--max-connections-per-session`; the log level is the caller's) and
@@ -279,7 +309,7 @@ impl Daemon {
             new.max_connections_per_session,
             std::sync::atomic::Ordering::Relaxed,
         );
-        self.registry.set_config_failure(None);
+        self.registry.set_warning("config", None);
         let needs_restart = restart_only_changes(&self.started, new);
         if !needs_restart.is_empty() {
             warn!(
@@ -303,9 +333,12 @@ impl Daemon {
     /// and says why in the log and in `/v1/status` warnings until a reload succeeds.
     pub fn reconfigure_failed(&self, why: &str) {
         warn!(error = %why, "SIGHUP: the configuration does not validate; keeping the current one");
-        self.registry.set_config_failure(Some(format!(
-            "config reload refused, still running the previous configuration: {why}"
-        )));
+        self.registry.set_warning(
+            "config",
+            Some(format!(
+                "config reload refused, still running the previous configuration: {why}"
+            )),
+        );
     }
 
     /// `SIGHUP`: re-reads every certificate and key, and `--api-token-file`. New handshakes

@@ -8,14 +8,23 @@
 //!
 //! - [`config`]: flags, environment and TOML file resolved into a validated [`Config`].
 //! - [`pool`]: the port range, bind-on-allocate, release and stats.
-//! - [`sessions`]: the session registry: open, retarget and close, with rollback.
+//! - [`session`]: one session (a leaf): identity, target generation, tokens, limits, viewers.
+//! - [`registry`]: the session table: open, retarget and close with rollback; restore.
+//! - [`target`]: VNC target parsing and connecting (tcp, `[v6]`, `unix:`).
 //! - [`state`]: the durable state file: atomic writes, group commit, load, lock.
-//! - [`server`]: one session port: accept loop, HTTP routing, WebSocket upgrade, token check.
-//! - [`relay`]: WebSocket <-> VNC byte relay with backpressure, and VNC target parsing.
-//! - [`web`]: console page assets: lookup, MIME types, caching.
-//! - [`ws`]: WebSocket framing for the relay: lazy, zero-copy frame reader and writer.
-//! - [`api`]: control API handlers and the JSON error mapping.
-//! - [`daemon`]: wires the pieces into a running daemon and shuts it down.
+//! - [`http`]: the one accept loop and HTTP/1.1 serving of every port (TLS, limits, drain).
+//! - [`tls`]: certificate loading and reload.
+//! - [`access`]: token check, Origin policy, rate limits, API bearer auth.
+//! - [`server`]: routing on a session port: page, `/session`, WebSocket upgrade.
+//! - [`relay`]: WebSocket <-> VNC byte relay with backpressure; the close table.
+//! - [`ws`]: RFC 6455 framing over any stream: lazy, zero-copy frame reader and writer.
+//! - [`web`]: console page assets: lookup, MIME types, caching, security headers.
+//! - [`api`]: control API handlers, error mapping, status, metrics, the OpenAPI document.
+//! - [`cleanup`]: the periodic cleanup pass and its report.
+//! - [`metrics`]: counters, histograms and the Prometheus text.
+//! - [`events`]: the structured viewer/session events and the log sink.
+//! - `libvirt` (feature `libvirt`): sessions that follow libvirt domains.
+//! - [`daemon`]: wires the pieces into a running daemon, reloads and shuts it down.
 //! - [`client`]: the CLI's client of the control API.
 #![forbid(unsafe_code)]
 
@@ -27,6 +36,8 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod http;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod metrics;
 pub mod pool;
 pub mod registry;

@@ -224,15 +224,8 @@ impl Signals {
                 _ = self.term.recv() => return,
                 _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    daemon.reload();
                     // The config file again (flags and environment are what they were).
-                    match args.resolve() {
-                        Ok(config) => match log.set_level(config.log_level.as_deref()) {
-                            Ok(()) => daemon.reconfigure(&config),
-                            Err(why) => daemon.reconfigure_failed(&why),
-                        },
-                        Err(err) => daemon.reconfigure_failed(&err.to_string()),
-                    }
+                    daemon.hangup(args.resolve().map_err(|e| e.to_string()), log);
                 }
             }
         }

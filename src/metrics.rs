@@ -100,6 +100,8 @@ pub enum CloseCause {
     TargetGone,
     /// Its `max_lifetime` passed.
     MaxLifetime,
+    /// Its libvirt domain stopped (`--libvirt`).
+    DomainStopped,
 }
 
 impl CloseCause {
@@ -109,6 +111,7 @@ impl CloseCause {
             CloseCause::Deleted => "deleted",
             CloseCause::TargetGone => "target_gone",
             CloseCause::MaxLifetime => "max_lifetime",
+            CloseCause::DomainStopped => "domain_stopped",
         }
     }
 }
@@ -116,11 +119,18 @@ impl CloseCause {
 /// Values read at scrape time from where they live.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// Sessions in the table.
     pub sessions: u64,
+    /// Live viewers over all sessions.
     pub viewers: u64,
+    /// Ports of the range held by sessions.
     pub pool_allocated: u64,
+    /// Ports of the range free to bind.
     pub pool_free: u64,
+    /// Ports of the range another process held at the last try.
     pub pool_foreign: u64,
+    /// Sessions on ports a config reload left outside the range.
+    pub pool_outside_range: u64,
     /// Bytes relayed since start, each way (closed sessions included).
     pub bytes_to_client: u64,
     pub bytes_to_server: u64,
@@ -198,7 +208,7 @@ impl Metrics {
         );
         registry.register(
             "pool_ports",
-            "Ports of the pool by state (allocated, free, foreign)",
+            "Ports of the pool by state (allocated, free, foreign; outside_range: sessions a reload left outside --port-range)",
             m.pool_ports.clone(),
         );
         registry.register(
@@ -213,7 +223,7 @@ impl Metrics {
         );
         registry.register(
             "session_closes",
-            "Sessions closed, by reason (deleted, target_gone, max_lifetime)",
+            "Sessions closed, by reason (deleted, target_gone, max_lifetime, domain_stopped)",
             m.session_closes.clone(),
         );
         registry.register(
@@ -259,6 +269,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// One `POST /v1/sessions` answered: `created`, `unchanged`, `retargeted`, or the error code.
     pub fn session_opened(&self, result: &'static str) {
         self.session_opens
             .get_or_create(&[("result", result)])
@@ -279,6 +290,7 @@ impl Metrics {
         }
     }
 
+    /// One WebSocket upgrade decided (refused, capped, or relaying).
     pub fn viewer_connect(&self, outcome: ConnectOutcome) {
         self.viewer_connects
             .get_or_create(&[("outcome", outcome.label())])
@@ -304,14 +316,17 @@ impl Metrics {
         self.viewer_closes.get_or_create(&[("code", code)]).inc();
     }
 
+    /// A VNC target connect that succeeded, and how long it took.
     pub fn target_connected(&self, took: Duration) {
         self.target_connect.observe(took.as_secs_f64());
     }
 
+    /// One state file write (snapshot to directory fsync), ok or not.
     pub fn state_written(&self, took: Duration) {
         self.state_commit.observe(took.as_secs_f64());
     }
 
+    /// One control API request answered (guard refusals included).
     pub fn api_answered(&self, took: Duration) {
         self.api_request.observe(took.as_secs_f64());
     }
@@ -333,6 +348,7 @@ impl Metrics {
             ("allocated", now.pool_allocated),
             ("free", now.pool_free),
             ("foreign", now.pool_foreign),
+            ("outside_range", now.pool_outside_range),
         ] {
             self.pool_ports
                 .get_or_create(&[("state", state)])
@@ -396,6 +412,7 @@ mod tests {
             pool_allocated: 2,
             pool_free: 7,
             pool_foreign: 1,
+            pool_outside_range: 0,
             bytes_to_client: 100,
             bytes_to_server: 40,
             state_write_failures: 2,
@@ -415,7 +432,7 @@ mod tests {
             "vncgate_state_write_failures_total 2",
             "# TYPE vncgate_state_commit_seconds histogram",
             "# TYPE vncgate_api_request_seconds histogram",
-            "vncgate_tls_cert_expiry_seconds{listener=\"session\"} 3",
+            "vncgate_tls_cert_expiry_seconds{listener=\"session\"} 3599.",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -58,6 +58,9 @@ pub struct PoolStats {
     pub allocated_ports: usize,
     pub free_ports: usize,
     pub foreign_ports: usize,
+    /// Sessions on ports a config reload moved the range away from (they keep them until
+    /// they close); not part of the other counts, but held against the cap.
+    pub outside_range_ports: usize,
 }
 
 /// A range of ports, each either free, allocated to a session, or (for a while) foreign. The
@@ -115,10 +118,12 @@ impl PortPool {
         })
     }
 
+    /// The range opens bind from now on (`--port-range`).
     pub fn range(&self) -> RangeInclusive<u16> {
         self.lock().range.clone()
     }
 
+    /// The most sessions at once (`--max-sessions`, at most the range's size).
     pub fn cap(&self) -> usize {
         self.lock().cap
     }
@@ -229,8 +234,8 @@ impl PortPool {
         }
     }
 
-    /// Counts of the current range; `allocated_ports` counts every session, also those on a
-    /// port a reload moved the range away from.
+    /// Counts of the current range (`free = total - allocated - foreign`), and the sessions
+    /// left outside it by a reload.
     pub fn stats(&self) -> PoolStats {
         let inner = self.lock();
         let now = Instant::now();
@@ -251,9 +256,10 @@ impl PortPool {
         let total = inner.range.len();
         PoolStats {
             total_ports: total,
-            allocated_ports: inner.allocated_count,
+            allocated_ports: in_range,
             foreign_ports: foreign,
             free_ports: total.saturating_sub(in_range + foreign),
+            outside_range_ports: inner.allocated_count - in_range,
         }
     }
 }
@@ -345,9 +351,21 @@ mod tests {
         let (new, _l2) = p.allocate().expect("in the new range");
         assert_eq!(new.port(), 31140);
         let s = p.stats();
-        assert_eq!((s.total_ports, s.allocated_ports, s.free_ports), (3, 2, 2));
+        assert_eq!(
+            (
+                s.total_ports,
+                s.allocated_ports,
+                s.free_ports,
+                s.outside_range_ports
+            ),
+            (3, 1, 2, 1)
+        );
         drop(old);
-        assert_eq!(p.stats().allocated_ports, 1, "released outside the range");
+        assert_eq!(
+            p.stats().outside_range_ports,
+            0,
+            "released outside the range"
+        );
         p.reconfigure(31140..=31142, 1);
         assert!(p.allocate().expect_err("at the new cap").is_exhausted());
     }

@@ -22,6 +22,11 @@ use crate::target::{Target, TargetError};
 
 mod restore;
 
+/// The longest a `max_lifetime` timer sleeps before it looks at the wall clock again.
+const LIFETIME_STEP: std::time::Duration = std::time::Duration::from_secs(60);
+/// How soon a `max_lifetime` close whose state write failed is tried again.
+const LIFETIME_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why a registry call failed; the API maps each to a status and code.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -37,6 +42,14 @@ pub enum SessionError {
     Listener { port: u16, source: std::io::Error },
     #[error("no session for vm_id {0:?}")]
     NotFound(String),
+    #[error(
+        "{field}: session {vm_id:?} was opened with {have}; an open of an existing session cannot change its limits (close it and open it again)"
+    )]
+    LimitChange {
+        vm_id: String,
+        field: &'static str,
+        have: String,
+    },
     #[error("session {vm_id:?} has no live viewer {viewer} (see its \"viewers\")")]
     ViewerNotFound { vm_id: String, viewer: String },
     #[error("{0}; the change was rolled back")]
@@ -83,8 +96,8 @@ pub struct SessionRegistry {
     degraded: Mutex<Vec<String>>,
     /// The last failed state write, cleared by the next good one.
     write_failure: Mutex<Option<String>>,
-    /// Why the last config reload (SIGHUP) was refused, until one succeeds.
-    config_failure: Mutex<Option<String>>,
+    /// Warnings other parts set and clear by key (a refused config reload, libvirt away).
+    extra_warnings: Mutex<std::collections::BTreeMap<&'static str, String>>,
     /// Itself, for the tasks that close a session at its `max_lifetime`.
     me: Weak<SessionRegistry>,
 }
@@ -153,7 +166,7 @@ impl SessionRegistry {
                 state_path,
                 degraded: Mutex::new(Vec::new()),
                 write_failure: Mutex::new(None),
-                config_failure: Mutex::new(None),
+                extra_warnings: Mutex::new(std::collections::BTreeMap::new()),
                 me: weak.clone(),
             }
         })
@@ -243,6 +256,30 @@ impl SessionRegistry {
         let target: Target = target.parse()?;
         let _guard = self.lock_vm(vm_id).await;
         if let Some(session) = self.get(vm_id) {
+            // A limit the caller gives must be the one the session has: silently keeping the
+            // old one would leave the caller believing its value applies.
+            for (field, asked, have) in [
+                (
+                    "idle_timeout",
+                    limits.idle_timeout,
+                    session.limits.idle_timeout,
+                ),
+                (
+                    "max_lifetime",
+                    limits.max_lifetime,
+                    session.limits.max_lifetime,
+                ),
+            ] {
+                if asked.is_some() && asked != have {
+                    return Err(SessionError::LimitChange {
+                        vm_id: vm_id.to_owned(),
+                        field,
+                        have: have.map_or("none".into(), |d| {
+                            format!("{field} {}", crate::session::duration_text(d))
+                        }),
+                    });
+                }
+            }
             // Any earlier change of this VM finished (and was written) before we got the lock.
             // An expired token is renewed by the open (the platform asks for a working URL).
             let old_token = session
@@ -305,38 +342,49 @@ impl SessionRegistry {
     }
 
     /// Closes `session` at its `max_lifetime`, as a DELETE would (viewers get 1001 `session
-    /// closed`). The task is tracked and ends with the session or the daemon.
+    /// closed`). The task is tracked and ends with the session or the daemon. A close whose
+    /// state write fails is tried again (every [`LIFETIME_RETRY`]) until it is on disk.
     fn watch_lifetime(&self, session: &Arc<Session>) {
         let Some(closes_at) = session.limits.closes_at(session.created_at) else {
             return;
         };
         let (me, session) = (self.me.clone(), Arc::clone(session));
         self.ctx.tracker.spawn(async move {
-            // Wall-clock arithmetic: a restart resumes the same deadline, a passed one at once.
-            let wait = closes_at
-                .duration_since(wall_now())
-                .unwrap_or(std::time::Duration::ZERO);
-            tokio::select! {
-                _ = session.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+            // Wall-clock deadline (a restart resumes it, a passed one fires at once), slept in
+            // steps so a clock step or a suspended host moves the close with closes_at.
+            while let Ok(left) = closes_at.duration_since(wall_now()) {
+                if left.is_zero() {
+                    break;
+                }
+                tokio::select! {
+                    _ = session.cancelled() => return,
+                    _ = tokio::time::sleep(left.min(LIFETIME_STEP)) => {}
+                }
             }
-            let Some(registry) = me.upgrade() else {
-                return;
-            };
-            let vm_id = session.vm_id.clone();
-            match registry
-                .close_if(&vm_id, CloseCause::MaxLifetime, |s| {
-                    std::ptr::eq(s, Arc::as_ptr(&session))
-                })
-                .await
-            {
-                Ok(_) => {}
-                Err(err) => warn!(
+            loop {
+                let Some(registry) = me.upgrade() else {
+                    return;
+                };
+                let vm_id = session.vm_id.clone();
+                let result = registry
+                    .close_if(&vm_id, CloseCause::MaxLifetime, |s| {
+                        std::ptr::eq(s, Arc::as_ptr(&session))
+                    })
+                    .await;
+                drop(registry);
+                let Err(err) = result else {
+                    return;
+                };
+                warn!(
                     vm_id,
                     port = session.port,
                     %err,
-                    "session past its max_lifetime could not be closed; it stays open"
-                ),
+                    "session past its max_lifetime could not be closed; trying again"
+                );
+                tokio::select! {
+                    _ = session.cancelled() => return,
+                    _ = tokio::time::sleep(LIFETIME_RETRY) => {}
+                }
             }
         });
     }
@@ -498,9 +546,18 @@ impl SessionRegistry {
         self.ctx.tls.as_ref().and_then(|t| t.not_after())
     }
 
-    /// Records (or clears, with `None`) why a config reload was refused, for status warnings.
-    pub fn set_config_failure(&self, why: Option<String>) {
-        *lock(&self.config_failure) = why;
+    /// Sets (or clears, with `None`) the status warning under `key`: a refused config
+    /// reload ("config"), libvirt unreachable ("libvirt").
+    pub fn set_warning(&self, key: &'static str, warning: Option<String>) {
+        let mut all = lock(&self.extra_warnings);
+        match warning {
+            Some(w) => {
+                all.insert(key, w);
+            }
+            None => {
+                all.remove(key);
+            }
+        }
     }
 
     /// Requests answered 429 by the failed-token limit since start.
@@ -517,9 +574,7 @@ impl SessionRegistry {
         if let Some(f) = lock(&self.write_failure).clone() {
             all.push(f);
         }
-        if let Some(f) = lock(&self.config_failure).clone() {
-            all.push(f);
-        }
+        all.extend(lock(&self.extra_warnings).values().cloned());
         all
     }
 }

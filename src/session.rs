@@ -14,8 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::relay::{CloseReason, Traffic};
+
+mod limits;
 use crate::state::{SessionRecord, TokenRecord};
 use crate::target::Target;
+pub use limits::{MAX_LIMIT, MIN_LIMIT_SECS, SessionLimits, duration_text, parse_limit};
 
 /// 192 random bits, hex: unguessable and safe in a URL without escaping.
 pub(crate) fn new_token() -> String {
@@ -71,67 +74,9 @@ impl SessionToken {
     }
 }
 
-/// A session's own limits, set when it is opened (`"idle_timeout"`, `"max_lifetime"` of `POST
-/// /v1/sessions`, DESIGN.md "Cleanup, metrics, events") and kept in its state file record.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SessionLimits {
-    /// Closes a viewer that sent and got no data frame this long (1001 `idle timeout`);
-    /// replaces `--idle-timeout` for this session.
-    pub idle_timeout: Option<Duration>,
-    /// Closes the session this long after `created_at`, as a DELETE would.
-    pub max_lifetime: Option<Duration>,
-}
-
-impl SessionLimits {
-    /// When `max_lifetime` closes a session created at `created_at`.
-    pub fn closes_at(&self, created_at: SystemTime) -> Option<SystemTime> {
-        self.max_lifetime.and_then(|d| created_at.checked_add(d))
-    }
-}
-
-/// The longest per-session limit: ten years (a longer one would overflow time arithmetic on
-/// some platforms and means "never" anyway; leave the field out for that).
-pub const MAX_LIMIT: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
-
-/// Reads a per-session limit: a humantime duration (`90s`, `15m`, `1h 30m`) above zero, or a
-/// number of seconds of at least [`MIN_LIMIT_SECS`]; at most [`MAX_LIMIT`]. The error says what was wrong, for a 400
-/// that names the field.
-pub fn parse_limit(value: &serde_json::Value) -> Result<Duration, String> {
-    let d = match value {
-        serde_json::Value::String(text) => humantime::parse_duration(text.trim())
-            .map_err(|err| format!("{text:?} is not a duration ({err})"))?,
-        serde_json::Value::Number(n) => match n.as_u64() {
-            Some(secs) => Duration::from_secs(secs),
-            None => match n.as_f64() {
-                Some(f) if f.is_finite() && f >= MIN_LIMIT_SECS && f <= MAX_LIMIT.as_secs_f64() => {
-                    Duration::from_secs_f64(f)
-                }
-                _ => {
-                    return Err(format!(
-                        "{n} is not a number of seconds from {MIN_LIMIT_SECS} to 10 years"
-                    ));
-                }
-            },
-        },
-        other => return Err(format!("{other} is not a duration")),
-    };
-    if d.is_zero() {
-        return Err("must be above 0 (leave the field out for no limit)".into());
-    }
-    if d > MAX_LIMIT {
-        return Err("must be at most 10 years (leave the field out for no limit)".into());
-    }
-    Ok(d)
-}
-
-/// The smallest number of seconds a limit may be given as (1 ms): smaller fractions would
-/// round to nothing.
-pub const MIN_LIMIT_SECS: f64 = 0.001;
-
-/// A duration as the API and the state file write it: humantime's `1h 30m`.
-pub(crate) fn duration_text(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
+/// How long closing a session waits for its viewers' relays to end (each sends its close frame
+/// within 1 s, then drops the connection).
+pub const VIEWERS_GONE_WAIT: Duration = Duration::from_secs(3);
 
 /// The verdict on a token a client presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,13 +130,19 @@ impl ViewerGuard {
 
 impl Drop for ViewerGuard {
     fn drop(&mut self) {
+        // Under the viewers' lock: a reader of the totals sees these bytes either as the live
+        // viewer's or as ended, never both.
+        let mut viewers = lock(&self.session.viewers);
         let t = &self.viewer.traffic;
         let s = &self.session.ended_traffic;
         s.to_client
             .fetch_add(t.to_client.load(Ordering::Relaxed), Ordering::Relaxed);
         s.to_server
             .fetch_add(t.to_server.load(Ordering::Relaxed), Ordering::Relaxed);
-        lock(&self.session.viewers).remove(&self.viewer.id);
+        viewers.remove(&self.viewer.id);
+        if viewers.is_empty() {
+            self.session.viewers_gone.notify_waiters();
+        }
     }
 }
 
@@ -242,6 +193,8 @@ pub struct Session {
     viewers: Mutex<HashMap<u64, Arc<Viewer>>>,
     next_viewer: AtomicU64,
     ended_traffic: Traffic,
+    /// Woken when the last live viewer ends ([`Session::stop`] waits for it).
+    viewers_gone: tokio::sync::Notify,
     listener_task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -278,6 +231,7 @@ impl Session {
             viewers: Mutex::new(HashMap::new()),
             next_viewer: AtomicU64::new(1),
             ended_traffic: Traffic::default(),
+            viewers_gone: tokio::sync::Notify::new(),
             listener_task: Mutex::new(None),
         })
     }
@@ -455,7 +409,8 @@ impl Session {
     }
 
     /// Ends the session: viewers get 1001 `session closed`, and the listener is closed (its
-    /// port back in the pool) when this returns.
+    /// port back in the pool) when this returns; so are the viewers, unless one takes longer
+    /// than [`VIEWERS_GONE_WAIT`] to go (its relay is cancelled and ends on its own).
     pub(crate) async fn stop(&self) {
         self.begin_stop();
         let task = lock(&self.listener_task).take();
@@ -463,6 +418,24 @@ impl Session {
             && let Err(err) = task.await
         {
             warn!(vm_id = %self.vm_id, port = self.port, %err, "session listener task failed");
+        }
+        let all_gone = async {
+            loop {
+                let gone = self.viewers_gone.notified();
+                tokio::pin!(gone);
+                // Registered before the check: a viewer ending in between still wakes us.
+                gone.as_mut().enable();
+                if lock(&self.viewers).is_empty() {
+                    return;
+                }
+                gone.await;
+            }
+        };
+        if tokio::time::timeout(VIEWERS_GONE_WAIT, all_gone)
+            .await
+            .is_err()
+        {
+            warn!(vm_id = %self.vm_id, port = self.port, viewers = self.viewer_count(), "viewers still closing after the session closed");
         }
     }
 
@@ -495,8 +468,7 @@ impl Session {
             v.sort_by_key(|v| v.id);
             v
         };
-        let live_to_client: u64 = viewers.iter().map(|v| v.bytes_to_client).sum();
-        let live_to_server: u64 = viewers.iter().map(|v| v.bytes_to_server).sum();
+        let (bytes_to_client, bytes_to_server) = self.traffic_totals();
         let token = self.token();
         let authority = format!("{host}:{}", self.port);
         let (http, ws) = if style.tls {
@@ -526,8 +498,8 @@ impl Session {
             max_lifetime: self.limits.max_lifetime.map(duration_text),
             closes_at: self.limits.closes_at(self.created_at).map(rfc3339),
             connections: viewers.len(),
-            bytes_to_client: self.ended_traffic.to_client.load(Ordering::Relaxed) + live_to_client,
-            bytes_to_server: self.ended_traffic.to_server.load(Ordering::Relaxed) + live_to_server,
+            bytes_to_client,
+            bytes_to_server,
             viewers,
         }
     }

@@ -218,7 +218,9 @@ async fn tokens_expire_for_new_connections_and_an_open_renews_them() {
 async fn a_live_viewer_outlives_its_token() {
     bounded(Duration::from_secs(30), async {
         let fake = FakeVnc::tcp(Mode::Echo).await;
-        let gate = TestGate::start_with(2, |c| c.token_ttl = Some(Duration::from_secs(1))).await;
+        // Expiry is kept in whole seconds (floor(now) + ttl): a ttl of 3 s leaves the viewer
+        // at least 2 s to connect, even on a loaded machine.
+        let gate = TestGate::start_with(2, |c| c.token_ttl = Some(Duration::from_secs(3))).await;
         let session = gate.open_ok("vm-outlive", &fake.target).await;
         let (addr, token) = (port_of(&session), token_of(&session));
         let mut live = websocket_from(ME, session["ws_url"].as_str().expect("ws_url"), &[])

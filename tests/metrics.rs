@@ -146,7 +146,7 @@ async fn a_real_prometheus_scrapes_sessions_and_relayed_bytes() {
     if !require(&["prometheus", "promtool"]) {
         return;
     }
-    bounded(Duration::from_secs(90), async {
+    bounded(Duration::from_secs(180), async {
         let daemon = DaemonProcess::spawn(8, &["--cleanup-interval", "off"]).await;
         let fake = FakeVnc::tcp(Mode::Echo).await;
         let mut sessions = Vec::new();

@@ -194,7 +194,8 @@ async fn sighup_applies_a_new_range_caps_and_level_and_refuses_a_bad_file() {
         assert_eq!(status["active_sessions"], 3);
         echoes(&mut live, 100).await;
 
-        // Narrowed to the one port vm-c holds: the warning clears, a new open finds no port.
+        // Narrowed to the one port vm-c holds (the cap with it): the warning clears, a new open is
+        // refused (503) while vm-a and vm-b keep their ports outside the range.
         write_config(&config, first + 10, first + 10, 3, 2, "info");
         hangup(&daemon);
         let status = status_until(&daemon, "the narrowed range", |s| {
@@ -203,6 +204,8 @@ async fn sighup_applies_a_new_range_caps_and_level_and_refuses_a_bad_file() {
         })
         .await;
         assert_eq!(status["active_sessions"], 3, "{status}");
+        assert_eq!(status["port_pool"]["allocated_ports"], 1, "{status}");
+        assert_eq!(status["port_pool"]["outside_range_ports"], 2, "{status}");
         assert_eq!(daemon.open("vm-d", &fake.target).await.0, 503);
         assert_eq!(
             daemon.call("DELETE", "/v1/sessions/vm-b", None).await.0,

@@ -66,6 +66,9 @@ pub struct PoolStatus {
     pub allocated_ports: usize,
     pub free_ports: usize,
     pub foreign_ports: usize,
+    /// Sessions still on ports outside `--port-range` after a config reload narrowed or moved
+    /// it (they keep them until they close).
+    pub outside_range_ports: usize,
     pub utilization_percent: f64,
 }
 
@@ -81,6 +84,7 @@ impl From<PoolStats> for PoolStatus {
             allocated_ports: s.allocated_ports,
             free_ports: s.free_ports,
             foreign_ports: s.foreign_ports,
+            outside_range_ports: s.outside_range_ports,
             utilization_percent: utilization,
         }
     }
@@ -193,6 +197,7 @@ pub(super) async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -
         pool_allocated: pool.allocated_ports as u64,
         pool_free: pool.free_ports as u64,
         pool_foreign: pool.foreign_ports as u64,
+        pool_outside_range: pool.outside_range_ports as u64,
         bytes_to_client: to_client,
         bytes_to_server: to_server,
         state_write_failures: registry
