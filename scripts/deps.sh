@@ -17,7 +17,8 @@ if [ "${1:-}" = "--test" ]; then
   # Real VNC servers (Xvnc, QEMU with SeaBIOS), X clients, the browser, Debian's noVNC app,
   # Prometheus (and promtool) for the metrics test.
   packages=(tigervnc-standalone-server tigervnc-tools xterm x11-xserver-utils xclip
-            qemu-system-x86 chromium novnc prometheus)
+            qemu-system-x86 chromium novnc prometheus
+            libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config tini)
   missing=()
   for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -29,10 +30,24 @@ if [ "${1:-}" = "--test" ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
   fi
   npm_ci tests/e2e
-  # PyPI tools of the OpenAPI test (schemathesis, openapi-spec-validator), pinned, in a
-  # virtualenv of the project's own (.venv, not committed).
-  if [ ! -x .venv/bin/st ] || [ ! -x .venv/bin/openapi-spec-validator ]; then
+  # libvirtd in a container (tests/libvirt.rs starts its own on a private socket): QEMU runs as
+  # libvirt-qemu, logs to /var/log/libvirt, and gets no cgroups, security driver or virtlogd.
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  getent group libvirt-qemu >/dev/null || $sudo groupadd --system libvirt-qemu
+  getent passwd libvirt-qemu >/dev/null ||
+    $sudo useradd --system -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+  $sudo install -d /var/log/libvirt/qemu
+  if ! grep -q '^# vncgate tests' /etc/libvirt/qemu.conf 2>/dev/null; then
+    printf '%s\n' '# vncgate tests (containers): no virtlogd, no security driver, no cgroups' \
+      'stdio_handler = "file"' 'security_driver = "none"' 'cgroup_controllers = [ ]' |
+      $sudo tee -a /etc/libvirt/qemu.conf >/dev/null
+  fi
+  # PyPI tools of the OpenAPI test (schemathesis, openapi-spec-validator) and of the Python
+  # client's tests (pytest), pinned, in a virtualenv of the project's own (.venv, not committed).
+  if [ ! -x .venv/bin/st ] || [ ! -x .venv/bin/openapi-spec-validator ] || [ ! -x .venv/bin/pytest ]; then
     python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check schemathesis==4.32.5 openapi-spec-validator==0.9.0
+    .venv/bin/pip install -q --disable-pip-version-check \
+      schemathesis==4.32.5 openapi-spec-validator==0.9.0 pytest==9.2.0
   fi
 fi

@@ -214,6 +214,8 @@ fn nap(d: Duration, halt: &AtomicBool) -> bool {
 /// publishing each changed picture. A panic inside the libvirt bindings (their `Drop` panics
 /// when libvirt refuses a close) ends that connection, not the thread.
 fn poll_loop(uri: &str, tx: &watch::Sender<Seen>, halt: &AtomicBool) {
+    // libvirt prints every error to stderr by default; ours go through tracing instead.
+    virt::error::clear_error_callback();
     let mut backoff = POLL;
     while !halt.load(Ordering::SeqCst) {
         let connected = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
