@@ -64,11 +64,15 @@ impl From<SessionError> for ApiError {
             SessionError::Pool(p) if p.is_exhausted() => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pool_exhausted", message)
             }
-            SessionError::Pool(_) | SessionError::Listener { .. } => ApiError::new(
+            SessionError::Pool(_) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "allocation_failed",
                 message,
             ),
+            // The port was bound but its server could not be started (DESIGN.md).
+            SessionError::Listener { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "proxy_failed", message)
+            }
             SessionError::NotFound(_) | SessionError::ViewerNotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
             }

@@ -539,6 +539,13 @@ impl ServeArgs {
                     "this vncgate was built without libvirt support: build it with `cargo install --path . --features libvirt` (needs libvirt-dev)",
                 ));
             }
+            if v.trim().is_empty() {
+                return Err(invalid(
+                    "--libvirt",
+                    &v,
+                    "expected a libvirt URI such as qemu:///system",
+                ));
+            }
             config.libvirt = Some(v.trim().to_owned());
         }
         if let Some(v) = pick(&self.libvirt_id, file.libvirt_id) {
@@ -547,6 +554,13 @@ impl ServeArgs {
                 "uuid" => true,
                 _ => return Err(invalid("--libvirt-id", &v, "expected name or uuid")),
             };
+            if config.libvirt.is_none() {
+                return Err(invalid(
+                    "--libvirt-id",
+                    &v,
+                    "only means something with --libvirt URI",
+                ));
+            }
         }
         warn_if_ephemeral_overlap(&config.port_range);
         Ok(config)

@@ -427,7 +427,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
     }
-    let checks: [(&'static str, bool); 21] = [
+    let checks: [(&'static str, bool); 23] = [
         ("--api-listen", differs(&old.api_listen, &new.api_listen)),
         ("--listen-host", differs(&old.listen_host, &new.listen_host)),
         ("--public-host", differs(&old.public_host, &new.public_host)),
@@ -476,6 +476,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("--stale-after", differs(&old.stale_after, &new.stale_after)),
         ("--log-format", differs(&old.log_format, &new.log_format)),
         ("--start-empty", differs(&old.start_empty, &new.start_empty)),
+        ("--libvirt", differs(&old.libvirt, &new.libvirt)),
+        (
+            "--libvirt-id",
+            differs(&old.libvirt_id_uuid, &new.libvirt_id_uuid),
+        ),
     ];
     checks
         .into_iter()

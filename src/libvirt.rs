@@ -4,24 +4,23 @@
 //!
 //! A thread of its own owns the libvirt connection (every libvirt call blocks) and lists the
 //! running domains every [`POLL`]; it hands each changed picture to a tracked task that applies
-//! it to the session table. The first picture after a (re)connect is a reconcile: sessions of
+//! it to the session table. The first picture of a connection is a reconcile: sessions of
 //! domains that stopped meanwhile close, endpoints that moved are retargeted (port and token
-//! kept). libvirtd going away never closes a console: the task keeps the sessions, shows a
-//! warning in `/v1/status`, and the thread reconnects with backoff.
+//! kept). libvirtd going away (or hanging) never closes a console: the task keeps the sessions,
+//! shows a warning in `/v1/status`, and the thread reconnects with backoff.
 //!
 //! What the follower decided is kept beside the state file (`<state-file>.libvirt.json`): which
-//! sessions it manages (each with the domain run, UUID and libvirt domain id, it belongs to)
-//! and which were closed through the API during a run, so those stay closed until the domain
-//! starts again, across daemon restarts too.
+//! sessions it manages (each with the domain run it belongs to) and which were closed through
+//! the API during a run, so those stay closed until the domain starts again, across restarts.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -30,18 +29,28 @@ use crate::registry::{SessionRegistry, validate_vm_id};
 use crate::session::SessionLimits;
 use crate::target::Target;
 
+mod xml;
+pub use xml::vnc_target;
+
 /// How often the running domains are listed (one libvirt call): a lifecycle change reaches
 /// the session table within this and the XML read of a new run.
 pub const POLL: Duration = Duration::from_millis(250);
 /// The longest wait between two connection attempts while libvirtd is away.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the libvirt thread.
+const THREAD_EXIT_WAIT: Duration = Duration::from_secs(2);
+/// A thread that has not finished a poll this long is stuck in libvirt (a hung libvirtd).
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+/// How often the follower applies the last picture again (failed opens and closes are tried
+/// again) and looks at the thread's heartbeat.
+const REAPPLY: Duration = Duration::from_secs(1);
 /// The key of the follower's warning in `/v1/status`.
 const WARNING: &str = "libvirt";
 
 /// How a domain's vm_id is chosen (`--libvirt-id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdMode {
-    /// The domain's name (refused when it is not a valid vm_id).
+    /// The domain's name (skipped when it is not a valid vm_id).
     #[default]
     Name,
     /// The domain's UUID.
@@ -55,9 +64,12 @@ pub struct LibvirtOptions {
     pub id: IdMode,
 }
 
-/// One run of a domain: its UUID and the id libvirt gave this start (a new start, a new id).
+/// One run of a domain: the host's boot, its UUID and the id libvirt gave this start (a new
+/// start, a new id; ids start again at 1 after a reboot, hence the boot).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 struct RunKey {
+    #[serde(default)]
+    boot: String,
     uuid: String,
     id: u32,
 }
@@ -67,8 +79,8 @@ struct RunKey {
 struct Running {
     name: String,
     run: RunKey,
-    /// The VNC endpoint of its live XML, or why it has none.
-    target: Result<Target, String>,
+    /// The VNC endpoint of its live XML (`None`: not assigned yet), or why it has none.
+    target: Result<Option<Target>, String>,
 }
 
 /// What the poller thread saw last.
@@ -77,10 +89,11 @@ enum Seen {
     Connecting,
     /// libvirtd cannot be reached (the error); sessions stay as they are.
     Down(String),
-    /// The running domains; `fresh` for the first picture of a connection (a reconcile).
+    /// The running domains, seen on connection number `connection` (the first picture of a
+    /// new connection is a reconcile).
     Up {
         domains: Vec<Running>,
-        fresh: bool,
+        connection: u64,
     },
 }
 
@@ -89,7 +102,7 @@ enum Seen {
 struct Memory {
     /// vm_id -> the run whose session this is.
     managed: BTreeMap<String, RunKey>,
-    /// vm_id -> the run during which its session was closed by someone else (the API).
+    /// vm_id -> the run during which its session was closed through the API.
     suppressed: BTreeMap<String, RunKey>,
 }
 
@@ -100,52 +113,9 @@ pub enum LibvirtError {
     Thread(std::io::Error),
 }
 
-/// The VNC endpoint of a domain's live XML: `<graphics type='vnc' port='5901'
-/// listen='127.0.0.1'>` or `<graphics type='vnc' socket='/path'>`. A listen address of "any"
-/// is reached on loopback: vncgate runs beside libvirt.
-pub fn vnc_target(xml: &str) -> Result<Target, String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable XML: {e}"))?;
-    let graphics = doc
-        .descendants()
-        .find(|n| n.has_tag_name("graphics") && n.attribute("type") == Some("vnc"))
-        .ok_or("no VNC graphics")?;
-    let socket = graphics.attribute("socket").or_else(|| {
-        graphics
-            .children()
-            .find(|n| n.has_tag_name("listen") && n.attribute("type") == Some("socket"))
-            .and_then(|n| n.attribute("socket"))
-    });
-    if let Some(path) = socket {
-        return format!("unix:{path}")
-            .parse()
-            .map_err(|e| format!("VNC socket {path}: {e}"));
-    }
-    let port: i64 = graphics
-        .attribute("port")
-        .and_then(|p| p.parse().ok())
-        .ok_or("VNC graphics without a port")?;
-    if !(1..=65535).contains(&port) {
-        return Err(format!("VNC port {port} not assigned yet"));
-    }
-    let listen = graphics
-        .children()
-        .find(|n| n.has_tag_name("listen") && n.attribute("type") == Some("address"))
-        .and_then(|n| n.attribute("address"))
-        .or_else(|| graphics.attribute("listen"))
-        .unwrap_or("127.0.0.1");
-    let host = match listen {
-        "0.0.0.0" | "" => "127.0.0.1".to_owned(),
-        "::" => "[::1]".to_owned(),
-        other if other.contains(':') && !other.starts_with('[') => format!("[{other}]"),
-        other => other.to_owned(),
-    };
-    format!("{host}:{port}")
-        .parse()
-        .map_err(|e| format!("VNC endpoint {host}:{port}: {e}"))
-}
-
 /// Starts following `options.uri`: a thread polls libvirt, a task on `registry`'s tracker
-/// applies what it sees. Both end when `stop` fires.
+/// applies what it sees. Both end when `stop` fires (a thread stuck in a libvirt call is left
+/// behind after [`THREAD_EXIT_WAIT`] rather than holding up the shutdown).
 pub fn spawn(
     registry: Arc<SessionRegistry>,
     options: LibvirtOptions,
@@ -154,27 +124,57 @@ pub fn spawn(
 ) -> Result<(), LibvirtError> {
     let (tx, rx) = watch::channel(Seen::Connecting);
     let halt = Arc::new(AtomicBool::new(false));
-    let thread = {
-        let (uri, halt) = (options.uri.clone(), Arc::clone(&halt));
+    let started = Instant::now();
+    let heartbeat = Arc::new(AtomicU64::new(0));
+    let (exited_tx, exited) = tokio::sync::oneshot::channel::<()>();
+    {
+        let uri = options.uri.clone();
+        let (halt, beat) = (Arc::clone(&halt), Arc::clone(&heartbeat));
         std::thread::Builder::new()
             .name("vncgate-libvirt".into())
-            .spawn(move || poll_loop(&uri, &tx, &halt))
-            .map_err(LibvirtError::Thread)?
-    };
+            .spawn(move || {
+                let beat = || {
+                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    beat.store(ms, Ordering::SeqCst);
+                };
+                poll_loop(&uri, &tx, &halt, &beat);
+                let _ = exited_tx.send(());
+            })
+            .map_err(LibvirtError::Thread)?;
+    }
+    let (closes_tx, closes) = mpsc::unbounded_channel();
+    registry.watch_closes(closes_tx);
     let memory_path = memory_path(registry.state_path());
     tracker.spawn(async move {
+        let memory = match tokio::fs::read(&memory_path).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+                warn!(path = %memory_path.display(), %err, "libvirt follower memory unreadable; starting afresh");
+                Memory::default()
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Memory::default(),
+            Err(err) => {
+                warn!(path = %memory_path.display(), %err, "libvirt follower memory unreadable; starting afresh");
+                Memory::default()
+            }
+        };
         let mut follower = Follower {
-            memory: load_memory(&memory_path),
+            memory,
             memory_path,
             registry,
             options,
             logged: HashSet::new(),
-            down_since: None,
+            down: false,
+            connection: 0,
+            domains: Vec::new(),
+            heartbeat,
+            started,
         };
-        follower.run(rx, stop).await;
+        follower.run(rx, closes, stop).await;
         halt.store(true, Ordering::SeqCst);
-        // The thread looks at `halt` at least every 50 ms (or when a libvirt call returns).
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        // The thread looks at `halt` every 50 ms, or when a libvirt call returns.
+        if tokio::time::timeout(THREAD_EXIT_WAIT, exited).await.is_err() {
+            warn!("the libvirt thread is stuck in a libvirt call; leaving it behind");
+        }
     });
     Ok(())
 }
@@ -183,16 +183,6 @@ fn memory_path(state: &Path) -> PathBuf {
     let mut name = state.file_name().unwrap_or_default().to_os_string();
     name.push(".libvirt.json");
     state.with_file_name(name)
-}
-
-fn load_memory(path: &Path) -> Memory {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
-            warn!(path = %path.display(), %err, "libvirt follower memory unreadable; starting afresh (sessions closed through the API may reopen)");
-            Memory::default()
-        }),
-        Err(_) => Memory::default(),
-    }
 }
 
 /// Sleeps `d` in steps, returning early (false) when `halt` is set.
@@ -211,27 +201,27 @@ fn nap(d: Duration, halt: &AtomicBool) -> bool {
 }
 
 /// The poller thread: connect (with backoff), then list the running domains every [`POLL`],
-/// publishing each changed picture. A panic inside the libvirt bindings (their `Drop` panics
-/// when libvirt refuses a close) ends that connection, not the thread.
-fn poll_loop(uri: &str, tx: &watch::Sender<Seen>, halt: &AtomicBool) {
+/// publishing each changed picture and beating `beat` after every good list. A panic inside
+/// the libvirt bindings (their `Drop` panics when libvirt refuses a close) ends that
+/// connection, not the thread.
+fn poll_loop(uri: &str, tx: &watch::Sender<Seen>, halt: &AtomicBool, beat: &dyn Fn()) {
     // libvirt prints every error to stderr by default; ours go through tracing instead.
     virt::error::clear_error_callback();
+    let boot = boot_id();
     let mut backoff = POLL;
+    let mut connection = 0u64;
     while !halt.load(Ordering::SeqCst) {
-        let connected = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        connection += 1;
+        let listed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             match virt::connect::Connect::open(Some(uri)) {
-                Ok(conn) => {
-                    poll_connection(&conn, tx, halt);
-                    drop(conn);
-                    true
-                }
+                Ok(conn) => poll_connection(&conn, &boot, connection, tx, halt, beat),
                 Err(err) => {
                     tx.send_if_modified(|seen| replace(seen, Seen::Down(err.to_string())));
                     false
                 }
             }
         }));
-        match connected {
+        match listed {
             Ok(true) => backoff = POLL,
             Ok(false) => backoff = (backoff * 2).min(MAX_BACKOFF),
             Err(_) => {
@@ -247,30 +237,47 @@ fn poll_loop(uri: &str, tx: &watch::Sender<Seen>, halt: &AtomicBool) {
     }
 }
 
-/// Lists the running domains of one connection until it fails or `halt` is set.
-fn poll_connection(conn: &virt::connect::Connect, tx: &watch::Sender<Seen>, halt: &AtomicBool) {
-    let mut xml_cache: HashMap<RunKey, Result<Target, String>> = HashMap::new();
-    let mut fresh = true;
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`); empty where there is none.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Lists the running domains of one connection until it fails or `halt` is set. True if at
+/// least one list succeeded.
+fn poll_connection(
+    conn: &virt::connect::Connect,
+    boot: &str,
+    connection: u64,
+    tx: &watch::Sender<Seen>,
+    halt: &AtomicBool,
+    beat: &dyn Fn(),
+) -> bool {
+    let mut xml_cache: HashMap<RunKey, Result<Option<Target>, String>> = HashMap::new();
+    let mut listed = false;
     loop {
-        match list_running(conn, &mut xml_cache) {
+        match list_running(conn, boot, &mut xml_cache) {
             Ok(domains) => {
-                let picture = Seen::Up { domains, fresh };
-                // A fresh picture is always sent, even if equal to the last one: the follower
-                // reconciles on it.
-                if fresh {
-                    tx.send_replace(picture);
-                } else {
-                    tx.send_if_modified(|seen| replace_up(seen, picture));
-                }
-                fresh = false;
+                beat();
+                listed = true;
+                tx.send_if_modified(|seen| {
+                    replace(
+                        seen,
+                        Seen::Up {
+                            domains,
+                            connection,
+                        },
+                    )
+                });
             }
             Err(err) => {
                 tx.send_replace(Seen::Down(err));
-                return;
+                return listed;
             }
         }
         if !nap(POLL, halt) {
-            return;
+            return listed;
         }
     }
 }
@@ -283,21 +290,11 @@ fn replace(seen: &mut Seen, new: Seen) -> bool {
     true
 }
 
-/// A steady-state picture replaces the last only when the domains differ (not on `fresh`).
-fn replace_up(seen: &mut Seen, new: Seen) -> bool {
-    if let (Seen::Up { domains: a, .. }, Seen::Up { domains: b, .. }) = (&*seen, &new)
-        && a == b
-    {
-        return false;
-    }
-    *seen = new;
-    true
-}
-
-/// The running domains, their VNC endpoints read once per run.
+/// The running domains, their VNC endpoints read once per run (again while not assigned).
 fn list_running(
     conn: &virt::connect::Connect,
-    xml_cache: &mut HashMap<RunKey, Result<Target, String>>,
+    boot: &str,
+    xml_cache: &mut HashMap<RunKey, Result<Option<Target>, String>>,
 ) -> Result<Vec<Running>, String> {
     let flags = virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
     let domains = conn
@@ -309,16 +306,19 @@ fn list_running(
         let (Ok(name), Ok(uuid), Some(id)) = (d.name(), d.uuid_string(), d.id()) else {
             continue; // it stopped while we looked
         };
-        let run = RunKey { uuid, id };
+        let run = RunKey {
+            boot: boot.to_owned(),
+            uuid,
+            id,
+        };
         live.insert(run.clone());
         let target = match xml_cache.get(&run) {
-            Some(t) if t.is_ok() => t.clone(),
-            // An endpoint not assigned yet (or a failed read) is read again next time.
+            Some(t @ Ok(Some(_))) => t.clone(),
             _ => {
                 let t = d
                     .xml_desc(0)
                     .map_err(|e| format!("reading its XML: {e}"))
-                    .and_then(|xml| vnc_target(&xml));
+                    .and_then(|xml| xml::vnc_endpoint(&xml));
                 xml_cache.insert(run.clone(), t.clone());
                 t
             }
@@ -336,46 +336,113 @@ struct Follower {
     options: LibvirtOptions,
     memory: Memory,
     memory_path: PathBuf,
-    /// Domains skipped (bad name, no VNC) already logged, so each is logged once.
+    /// Domains skipped (bad name, no VNC) already logged, so each is logged once per run.
     logged: HashSet<String>,
-    down_since: Option<String>,
+    /// libvirtd is away (or stuck): warned about.
+    down: bool,
+    /// The connection of the last picture applied; a new one makes the next a reconcile.
+    connection: u64,
+    /// The last picture of the running domains.
+    domains: Vec<Running>,
+    /// Milliseconds after `started` at which the thread last listed the domains.
+    heartbeat: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl Follower {
-    async fn run(&mut self, mut rx: watch::Receiver<Seen>, stop: CancellationToken) {
+    async fn run(
+        &mut self,
+        mut rx: watch::Receiver<Seen>,
+        mut closes: mpsc::UnboundedReceiver<(String, CloseCause)>,
+        stop: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(REAPPLY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                changed = rx.changed() => if changed.is_err() { return },
-            }
-            let seen = rx.borrow_and_update().clone();
-            match seen {
-                Seen::Connecting => {}
-                Seen::Down(why) => {
-                    if self.down_since.is_none() {
-                        warn!(uri = %self.options.uri, error = %why, "libvirt unreachable; sessions stay open, reconnecting");
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
                     }
-                    self.registry.set_warning(
-                        WARNING,
-                        Some(format!(
-                            "libvirt at {} unreachable ({why}); consoles stay open, reconnecting",
-                            self.options.uri
-                        )),
-                    );
-                    self.down_since = Some(why);
+                    let seen = rx.borrow_and_update().clone();
+                    self.on_seen(seen).await;
                 }
-                Seen::Up { domains, fresh } => {
-                    if self.down_since.take().is_some() || fresh {
-                        info!(uri = %self.options.uri, domains = domains.len(), "libvirt connected; reconciling");
-                    }
-                    self.registry.set_warning(WARNING, None);
-                    let before = self.memory.clone();
-                    self.apply(&domains, fresh).await;
-                    if self.memory != before {
-                        self.save().await;
-                    }
-                }
+                Some((vm_id, cause)) = closes.recv() => self.on_close(vm_id, cause).await,
+                _ = tick.tick() => self.on_tick().await,
             }
+        }
+    }
+
+    async fn on_seen(&mut self, seen: Seen) {
+        match seen {
+            Seen::Connecting => {}
+            Seen::Down(why) => self.set_down(Some(&why)),
+            Seen::Up {
+                domains,
+                connection,
+            } => {
+                let fresh = connection != self.connection;
+                if fresh {
+                    info!(uri = %self.options.uri, domains = domains.len(), "libvirt connected; reconciling");
+                }
+                self.set_down(None);
+                self.connection = connection;
+                self.domains = domains;
+                self.apply(fresh).await;
+            }
+        }
+    }
+
+    fn set_down(&mut self, why: Option<&str>) {
+        match why {
+            Some(why) => {
+                if !self.down {
+                    warn!(uri = %self.options.uri, error = %why, "libvirt unreachable; sessions stay open, reconnecting");
+                }
+                self.down = true;
+                self.registry.set_warning(
+                    WARNING,
+                    Some(format!(
+                        "libvirt at {} unreachable ({why}); consoles stay open, reconnecting",
+                        self.options.uri
+                    )),
+                );
+            }
+            None => {
+                self.down = false;
+                self.registry.set_warning(WARNING, None);
+            }
+        }
+    }
+
+    /// Every [`REAPPLY`]: a stuck thread is reported; otherwise the last picture is applied
+    /// again, so an open or close that failed is tried again.
+    async fn on_tick(&mut self) {
+        let beat = Duration::from_millis(self.heartbeat.load(Ordering::SeqCst));
+        if !self.down && self.connection > 0 && self.started.elapsed() > beat + STUCK_AFTER {
+            self.set_down(Some("libvirtd does not answer"));
+            return;
+        }
+        if !self.down && self.connection > 0 {
+            self.apply(false).await;
+        }
+    }
+
+    /// A close through the API (or by cleanup or a max_lifetime) of a session this follower
+    /// manages: it stays closed until its domain starts again.
+    async fn on_close(&mut self, vm_id: String, cause: CloseCause) {
+        if cause == CloseCause::DomainStopped {
+            return;
+        }
+        if let Some(run) = self.memory.managed.remove(&vm_id) {
+            info!(
+                vm_id,
+                reason = cause.label(),
+                "session of a libvirt domain closed; not reopened until the domain starts again"
+            );
+            self.memory.suppressed.insert(vm_id, run);
+            self.save().await;
         }
     }
 
@@ -385,7 +452,10 @@ impl Follower {
             IdMode::Uuid => d.run.uuid.clone(),
         };
         if let Err(err) = validate_vm_id(&vm_id) {
-            if self.logged.insert(format!("id:{}", d.name)) {
+            if self
+                .logged
+                .insert(format!("id:{}:{}", d.run.uuid, d.run.id))
+            {
                 warn!(domain = %d.name, %err, "libvirt domain skipped: its name is not a valid vm_id; start with --libvirt-id uuid to use domain UUIDs as vm_ids");
             }
             return None;
@@ -393,9 +463,13 @@ impl Follower {
         Some(vm_id)
     }
 
-    async fn apply(&mut self, domains: &[Running], fresh: bool) {
-        let mut running: HashSet<String> = HashSet::new();
-        for d in domains {
+    /// Brings the session table in line with the last picture: closes first (they free
+    /// ports), all at once, then opens and retargets.
+    async fn apply(&mut self, fresh: bool) {
+        let before = self.memory.clone();
+        let domains = self.domains.clone();
+        let mut running: HashMap<String, (RunKey, Option<Target>)> = HashMap::new();
+        for d in &domains {
             let Some(vm_id) = self.vm_id_of(d) else {
                 continue;
             };
@@ -408,31 +482,37 @@ impl Follower {
                     {
                         info!(domain = %d.name, vm_id, reason = %why, "libvirt domain skipped: no usable VNC endpoint");
                     }
-                    // A session it has stays until the domain stops.
-                    running.insert(vm_id);
-                    continue;
+                    None
                 }
             };
-            running.insert(vm_id.clone());
-            self.follow(&vm_id, &d.run, target, fresh).await;
+            running.insert(vm_id, (d.run.clone(), target));
         }
-        // Managed sessions whose domain is not running any more.
-        let stopped: Vec<String> = self
+        // Managed sessions whose domain stopped, or whose run changed between two looks (a
+        // fresh session follows); at a reconcile a new run keeps its session (retargeted).
+        let ending: Vec<String> = self
             .memory
             .managed
-            .keys()
-            .filter(|vm| !running.contains(*vm))
-            .cloned()
+            .iter()
+            .filter(|(vm, run)| match running.get(*vm) {
+                None => true,
+                Some((now, _)) => now != *run && !fresh,
+            })
+            .map(|(vm, _)| vm.clone())
             .collect();
-        for vm_id in stopped {
-            match self
-                .registry
-                .close_if(&vm_id, CloseCause::DomainStopped, |_| true)
-                .await
-            {
+        let registry = Arc::clone(&self.registry);
+        let closes = ending.iter().map(|vm_id| {
+            let registry = Arc::clone(&registry);
+            async move {
+                let r = registry
+                    .close_if(vm_id, CloseCause::DomainStopped, |_| true)
+                    .await;
+                (vm_id.clone(), r)
+            }
+        });
+        for (vm_id, result) in futures_util::future::join_all(closes).await {
+            match result {
                 Ok(_) => {
                     self.memory.managed.remove(&vm_id);
-                    self.memory.suppressed.remove(&vm_id);
                 }
                 Err(err) => {
                     warn!(vm_id, %err, "the session of a stopped domain could not be closed; trying again")
@@ -442,74 +522,79 @@ impl Follower {
         // A suppression ends with the run it was for.
         self.memory
             .suppressed
-            .retain(|vm_id, _| running.contains(vm_id));
+            .retain(|vm_id, run| running.get(vm_id).is_some_and(|(now, _)| now == run));
+        for (vm_id, (run, target)) in &running {
+            if let Some(target) = target {
+                self.follow(vm_id, run, target, fresh).await;
+            }
+        }
+        if self.logged.len() > 10_000 {
+            self.logged.clear();
+        }
+        if self.memory != before {
+            self.save().await;
+        }
     }
 
     /// One running domain with a VNC endpoint.
-    async fn follow(&mut self, vm_id: &str, run: &RunKey, target: Target, fresh: bool) {
-        let managed = self.memory.managed.get(vm_id).cloned();
-        if self.registry.get(vm_id).is_some() {
-            if managed.as_ref().is_some_and(|m| m != run) && !fresh {
-                // Stopped and started again between two polls: a fresh session, as if seen.
-                if let Err(err) = self
-                    .registry
-                    .close_if(vm_id, CloseCause::DomainStopped, |_| true)
-                    .await
-                {
-                    warn!(vm_id, %err, "the session of a restarted domain could not be closed");
-                    return;
-                }
-            }
-            // Adopted, unchanged, or retargeted to where the domain's VNC server is now.
-            self.open(vm_id, run, &target).await;
-            return;
-        }
+    async fn follow(&mut self, vm_id: &str, run: &RunKey, target: &Target, fresh: bool) {
         if self.memory.suppressed.get(vm_id) == Some(run) {
             return;
         }
-        if managed.as_ref() == Some(run) {
-            // Its session is gone while the domain runs: closed through the API (or by
-            // cleanup or its max_lifetime). It stays closed until the domain starts again.
-            info!(
-                vm_id,
-                "session of a running libvirt domain was closed; not reopened until the domain starts again"
-            );
-            self.memory.managed.remove(vm_id);
-            self.memory.suppressed.insert(vm_id.to_owned(), run.clone());
-            return;
-        }
-        self.memory.suppressed.remove(vm_id);
-        self.open(vm_id, run, &target).await;
-    }
-
-    async fn open(&mut self, vm_id: &str, run: &RunKey, target: &Target) {
-        match self
-            .registry
-            .open(vm_id, &target.to_string(), SessionLimits::default())
-            .await
-        {
-            Ok(_) => {
+        match self.registry.get(vm_id) {
+            Some(session) => {
+                if session.target() != *target {
+                    // Adopted, or the endpoint moved: retargeted, port and token kept. Only
+                    // an existing session: one closed meanwhile is not opened again here.
+                    if let Err(err) = self.registry.retarget(vm_id, &target.to_string()).await {
+                        self.log_failure(vm_id, run, target, &err);
+                        return;
+                    }
+                }
                 self.memory.managed.insert(vm_id.to_owned(), run.clone());
             }
-            Err(err) => {
-                if self.logged.insert(format!("open:{vm_id}:{}:{err}", run.id)) {
-                    warn!(vm_id, %target, %err, "session for a libvirt domain could not be opened; trying again");
-                }
+            None if !fresh && self.memory.managed.get(vm_id) == Some(run) => {
+                // Gone while its domain runs and we did not close it: closed through the API
+                // (its close event may still be on the way). At a reconcile, by contrast, a
+                // missing session (a state file started empty) is opened again.
+                self.memory.managed.remove(vm_id);
+                self.memory.suppressed.insert(vm_id.to_owned(), run.clone());
             }
+            None => match self
+                .registry
+                .open(vm_id, &target.to_string(), SessionLimits::default())
+                .await
+            {
+                Ok(_) => {
+                    self.memory.managed.insert(vm_id.to_owned(), run.clone());
+                }
+                Err(err) => self.log_failure(vm_id, run, target, &err),
+            },
+        }
+    }
+
+    fn log_failure(
+        &mut self,
+        vm_id: &str,
+        run: &RunKey,
+        target: &Target,
+        err: &dyn std::fmt::Display,
+    ) {
+        if self.logged.insert(format!("open:{vm_id}:{}:{err}", run.id)) {
+            warn!(vm_id, %target, %err, "session for a libvirt domain could not be opened; trying again every second");
         }
     }
 
     async fn save(&self) {
-        let bytes = match serde_json::to_vec_pretty(&self.memory) {
-            Ok(b) => b,
-            Err(_) => return,
+        let Ok(bytes) = serde_json::to_vec_pretty(&self.memory) else {
+            return;
         };
         let path = self.memory_path.clone();
         let result =
             tokio::task::spawn_blocking(move || crate::state::write_bytes_atomic(&path, bytes))
                 .await;
         if !matches!(result, Ok(Ok(()))) {
-            warn!(path = %self.memory_path.display(), "cannot write the libvirt follower's memory; closed-through-the-API sessions may reopen after a restart");
+            warn!(path = %self.memory_path.display(), "cannot write the libvirt follower's memory; sessions closed through the API may reopen after a restart");
         }
     }
 }
@@ -519,40 +604,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vnc_endpoints_from_live_xml() {
-        let tcp = "<domain><devices><graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics></devices></domain>";
-        assert_eq!(
-            vnc_target(tcp).map(|t| t.to_string()),
-            Ok("127.0.0.1:5901".into())
-        );
-        let any = "<domain><devices><graphics type='vnc' port='5902' listen='0.0.0.0'/></devices></domain>";
-        assert_eq!(
-            vnc_target(any).map(|t| t.to_string()),
-            Ok("127.0.0.1:5902".into())
-        );
-        let v6 = "<domain><devices><graphics type='vnc' port='5903'><listen type='address' address='::1'/></graphics></devices></domain>";
-        assert_eq!(
-            vnc_target(v6).map(|t| t.to_string()),
-            Ok("[::1]:5903".into())
-        );
-        let unix = "<domain><devices><graphics type='vnc' socket='/run/vm.vnc'><listen type='socket' socket='/run/vm.vnc'/></graphics></devices></domain>";
-        assert_eq!(
-            vnc_target(unix).map(|t| t.to_string()),
-            Ok("unix:/run/vm.vnc".into())
-        );
-        let spice = "<domain><devices><graphics type='spice' port='5904'/></devices></domain>";
-        assert!(vnc_target(spice).is_err());
-        let unassigned =
-            "<domain><devices><graphics type='vnc' port='-1' autoport='yes'/></devices></domain>";
-        assert!(vnc_target(unassigned).is_err());
-        assert!(vnc_target("<not xml").is_err());
-    }
-
-    #[test]
     fn memory_lives_beside_the_state_file() {
         assert_eq!(
             memory_path(Path::new("/var/lib/vncgate/vncgate-state.json")),
             PathBuf::from("/var/lib/vncgate/vncgate-state.json.libvirt.json")
         );
+    }
+
+    #[test]
+    fn memory_of_an_older_release_reads() {
+        let old = br#"{"managed": {"vm": {"uuid": "u", "id": 3}}, "suppressed": {}}"#;
+        let m: Memory = serde_json::from_slice(old).expect("reads");
+        assert_eq!(m.managed["vm"].boot, "");
     }
 }

@@ -98,6 +98,9 @@ pub struct SessionRegistry {
     write_failure: Mutex<Option<String>>,
     /// Warnings other parts set and clear by key (a refused config reload, libvirt away).
     extra_warnings: Mutex<std::collections::BTreeMap<&'static str, String>>,
+    /// Told of every close (the libvirt follower: a session closed through the API stays
+    /// closed).
+    close_watchers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<(String, CloseCause)>>>,
     /// Itself, for the tasks that close a session at its `max_lifetime`.
     me: Weak<SessionRegistry>,
 }
@@ -167,6 +170,7 @@ impl SessionRegistry {
                 degraded: Mutex::new(Vec::new()),
                 write_failure: Mutex::new(None),
                 extra_warnings: Mutex::new(std::collections::BTreeMap::new()),
+                close_watchers: Mutex::new(Vec::new()),
                 me: weak.clone(),
             }
         })
@@ -252,6 +256,33 @@ impl SessionRegistry {
         target: &str,
         limits: SessionLimits,
     ) -> Result<(Arc<Session>, Opened), SessionError> {
+        self.open_or_retarget(vm_id, target, limits, true).await
+    }
+
+    /// Points the existing session of `vm_id` at `target` (port and token kept; viewers of
+    /// the old target get 1012), checked under the vm_id's lock: `NotFound` if it has none,
+    /// so a session closed meanwhile is not opened again.
+    pub async fn retarget(
+        &self,
+        vm_id: &str,
+        target: &str,
+    ) -> Result<(Arc<Session>, Opened), SessionError> {
+        self.open_or_retarget(vm_id, target, SessionLimits::default(), false)
+            .await
+    }
+
+    /// Tells `watcher` of every close from now on: `(vm_id, cause)` once the close is on disk.
+    pub fn watch_closes(&self, watcher: tokio::sync::mpsc::UnboundedSender<(String, CloseCause)>) {
+        lock(&self.close_watchers).push(watcher);
+    }
+
+    async fn open_or_retarget(
+        &self,
+        vm_id: &str,
+        target: &str,
+        limits: SessionLimits,
+        create: bool,
+    ) -> Result<(Arc<Session>, Opened), SessionError> {
         validate_vm_id(vm_id)?;
         let target: Target = target.parse()?;
         let _guard = self.lock_vm(vm_id).await;
@@ -317,6 +348,9 @@ impl SessionRegistry {
             }
             events::session_retargeted(vm_id, session.port, &target);
             return Ok((session, Opened::Retargeted));
+        }
+        if !create {
+            return Err(SessionError::NotFound(vm_id.to_owned()));
         }
         let session = self.start_session(
             vm_id,
@@ -519,6 +553,7 @@ impl SessionRegistry {
         let (to_client, to_server) = session.traffic_totals();
         self.ctx.metrics.session_closed(cause, to_client, to_server);
         events::session_closed(vm_id, session.port, &session.target(), cause.label());
+        lock(&self.close_watchers).retain(|w| w.send((vm_id.to_owned(), cause)).is_ok());
         Ok(true)
     }
 

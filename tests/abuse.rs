@@ -239,6 +239,7 @@ async fn a_flood_from_many_addresses_never_exhausts_descriptors() {
                 .build_http(),
             state,
             args,
+            log: None,
         };
         daemon.wait_healthy().await;
         let session = daemon.open_ok("vm-flood", &fake.target).await;

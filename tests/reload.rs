@@ -129,6 +129,7 @@ async fn sighup_applies_a_new_range_caps_and_level_and_refuses_a_bad_file() {
                 .build_http::<Full<Bytes>>(),
             state,
             args,
+            log: None,
         };
         daemon.wait_healthy().await;
 

@@ -479,6 +479,8 @@ pub struct DaemonProcess {
     pub http: Client<HttpConnector, Full<Bytes>>,
     pub state: StateDir,
     pub args: Vec<String>,
+    /// Where its stderr goes (appended to across restarts), if not inherited.
+    pub log: Option<PathBuf>,
 }
 
 impl DaemonProcess {
@@ -497,11 +499,7 @@ impl DaemonProcess {
         let range = block.range(ports);
         let state = StateDir::new();
         let args = Self::args(api, &range, &state, extra);
-        let mut command = Self::command(&args);
-        if let Some(path) = log {
-            command.stderr(File::create(path).expect("create the daemon's log file"));
-        }
-        let child = command.spawn().expect("start the vncgate binary");
+        let child = Self::spawn_child(&args, log);
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build_http();
@@ -512,6 +510,7 @@ impl DaemonProcess {
             http,
             state,
             args,
+            log: log.map(Into::into),
         };
         process.wait_healthy().await;
         process
@@ -537,6 +536,20 @@ impl DaemonProcess {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args
+    }
+
+    /// Starts `vncgate serve ARGS`, its stderr appended to `log` if given.
+    fn spawn_child(args: &[String], log: Option<&std::path::Path>) -> std::process::Child {
+        let mut command = Self::command(args);
+        if let Some(path) = log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open the daemon's log file");
+            command.stderr(file);
+        }
+        command.spawn().expect("start the vncgate binary")
     }
 
     /// Starts `vncgate serve ARGS` (not waiting for it).
@@ -608,7 +621,7 @@ impl DaemonProcess {
 
     /// Starts the daemon again with the same flags and state file.
     pub async fn restart(&mut self) {
-        self.child = Self::launch(&self.args);
+        self.child = Self::spawn_child(&self.args, self.log.as_deref());
         self.wait_healthy().await;
     }
 

@@ -80,7 +80,11 @@ class Daemon:
             args, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             env=env, preexec_fn=preexec, cwd=self.dir,
         )
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()  # no daemon or port block left behind by a failed start
+            raise
 
     def _wait_healthy(self) -> None:
         # The daemon binds its API last, after every session: a connect means it is ready.
@@ -101,7 +105,8 @@ class Daemon:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
         self.block.release()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -13,6 +13,7 @@ so ``except VncPortPoolExhaustedException:`` clauses keep working::
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import ssl
@@ -185,6 +186,13 @@ class Session:
         )
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The API never redirects: a 3xx is answered as an error, not followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
 def _segment(text: str) -> str:
     return urllib.parse.quote(text, safe="")
 
@@ -211,19 +219,29 @@ class VncGate:
         self.api = api.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self._context: Optional[ssl.SSLContext] = None
+        handlers: List[urllib.request.BaseHandler] = [
+            # The API is reached directly: an http_proxy of the environment must not see the
+            # bearer token, and a redirect must not carry it elsewhere.
+            urllib.request.ProxyHandler({}),
+            _NoRedirect(),
+        ]
         if self.api.startswith("https://"):
-            self._context = ssl.create_default_context(cafile=ca_file)
+            handlers.append(
+                urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file))
+            )
+        self._opener = urllib.request.build_opener(*handlers)
 
     @classmethod
     def from_env(cls) -> "VncGate":
         """A client configured as the ``vncgate`` CLI is: ``VNCGATE_API``,
         ``VNCGATE_API_TOKEN`` or ``VNCGATE_API_TOKEN_FILE``, ``VNCGATE_API_CA``."""
-        token = os.environ.get("VNCGATE_API_TOKEN")
+        token = None
         token_file = os.environ.get("VNCGATE_API_TOKEN_FILE")
-        if token is None and token_file:
+        if token_file:  # the file first, as the CLI reads them
             with open(token_file, encoding="utf-8") as f:
                 token = f.readline().strip()
+        else:
+            token = os.environ.get("VNCGATE_API_TOKEN")
         return cls(
             os.environ.get("VNCGATE_API", "http://127.0.0.1:6080"),
             token,
@@ -239,13 +257,11 @@ class VncGate:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(
-                request, timeout=self.timeout, context=self._context
-            ) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             raise error_for(err.code, err.read()) from None
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
             raise DaemonUnreachableError(
                 f"vncgate at {self.api} did not answer: {reason}"
