@@ -175,12 +175,28 @@ impl CloseReason {
 }
 
 impl<W: AsyncWrite + Unpin> ClientConn<W> {
-    /// Sends a close frame (if the connection still takes one) within [`CLOSE_GRACE`].
+    /// Sends a close frame (if the connection still takes one) and waits for the viewer's,
+    /// all within [`CLOSE_GRACE`].
     pub async fn close(&mut self, reason: &CloseReason) {
-        let _ = tokio::time::timeout(
-            CLOSE_GRACE,
-            self.writer.close(reason.code(), reason.reason()),
-        )
+        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            if self
+                .writer
+                .close(reason.code(), reason.reason())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            // Then read (and drop) what the viewer still sends, up to its close frame or EOF:
+            // a socket closed with unread input is answered with a reset, and a browser that
+            // gets the reset before reading our close frame loses it (it reports 1006).
+            loop {
+                match self.reader.next().await {
+                    Ok(crate::ws::Event::Close(_)) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
         .await;
     }
 }

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -15,9 +14,11 @@ use tracing::warn;
 
 use crate::relay::{CloseReason, Traffic};
 
+mod info;
 mod limits;
 use crate::state::{SessionRecord, TokenRecord};
 use crate::target::Target;
+pub use info::{SessionInfo, UrlStyle, ViewerInfo};
 pub use limits::{MAX_LIMIT, MIN_LIMIT_SECS, SessionLimits, duration_text, parse_limit};
 
 /// 192 random bits, hex: unguessable and safe in a URL without escaping.
@@ -73,10 +74,6 @@ impl SessionToken {
         self.expires_at.is_some_and(|at| at <= wall_now())
     }
 }
-
-/// How long closing a session waits for its viewers' relays to end (each sends its close frame
-/// within 1 s, then drops the connection).
-pub const VIEWERS_GONE_WAIT: Duration = Duration::from_secs(3);
 
 /// The verdict on a token a client presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,9 +137,6 @@ impl Drop for ViewerGuard {
         s.to_server
             .fetch_add(t.to_server.load(Ordering::Relaxed), Ordering::Relaxed);
         viewers.remove(&self.viewer.id);
-        if viewers.is_empty() {
-            self.session.viewers_gone.notify_waiters();
-        }
     }
 }
 
@@ -193,8 +187,6 @@ pub struct Session {
     viewers: Mutex<HashMap<u64, Arc<Viewer>>>,
     next_viewer: AtomicU64,
     ended_traffic: Traffic,
-    /// Woken when the last live viewer ends ([`Session::stop`] waits for it).
-    viewers_gone: tokio::sync::Notify,
     listener_task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -231,7 +223,6 @@ impl Session {
             viewers: Mutex::new(HashMap::new()),
             next_viewer: AtomicU64::new(1),
             ended_traffic: Traffic::default(),
-            viewers_gone: tokio::sync::Notify::new(),
             listener_task: Mutex::new(None),
         })
     }
@@ -408,9 +399,10 @@ impl Session {
         self.cancel.cancel();
     }
 
-    /// Ends the session: viewers get 1001 `session closed`, and the listener is closed (its
-    /// port back in the pool) when this returns; so are the viewers, unless one takes longer
-    /// than [`VIEWERS_GONE_WAIT`] to go (its relay is cancelled and ends on its own).
+    /// Ends the session: viewers get 1001 `session closed` (on their own tasks: a slow viewer
+    /// does not hold up the close), and the listener is closed (its port back in the pool)
+    /// when this returns. The relays stop counting bytes as they are cancelled, so the
+    /// session's totals are final from here on.
     pub(crate) async fn stop(&self) {
         self.begin_stop();
         let task = lock(&self.listener_task).take();
@@ -418,24 +410,6 @@ impl Session {
             && let Err(err) = task.await
         {
             warn!(vm_id = %self.vm_id, port = self.port, %err, "session listener task failed");
-        }
-        let all_gone = async {
-            loop {
-                let gone = self.viewers_gone.notified();
-                tokio::pin!(gone);
-                // Registered before the check: a viewer ending in between still wakes us.
-                gone.as_mut().enable();
-                if lock(&self.viewers).is_empty() {
-                    return;
-                }
-                gone.await;
-            }
-        };
-        if tokio::time::timeout(VIEWERS_GONE_WAIT, all_gone)
-            .await
-            .is_err()
-        {
-            warn!(vm_id = %self.vm_id, port = self.port, viewers = self.viewer_count(), "viewers still closing after the session closed");
         }
     }
 
@@ -450,68 +424,6 @@ impl Session {
             self.limits,
         )
     }
-
-    /// A snapshot for the API. `host` is what console URLs name.
-    pub fn info(&self, host: &str, style: UrlStyle) -> SessionInfo {
-        let viewers: Vec<ViewerInfo> = {
-            let live = lock(&self.viewers);
-            let mut v: Vec<ViewerInfo> = live
-                .values()
-                .map(|v| ViewerInfo {
-                    id: v.id,
-                    peer: v.peer.to_string(),
-                    started_at: rfc3339(v.started_at),
-                    bytes_to_client: v.traffic.to_client.load(Ordering::Relaxed),
-                    bytes_to_server: v.traffic.to_server.load(Ordering::Relaxed),
-                })
-                .collect();
-            v.sort_by_key(|v| v.id);
-            v
-        };
-        let (bytes_to_client, bytes_to_server) = self.traffic_totals();
-        let token = self.token();
-        let authority = format!("{host}:{}", self.port);
-        let (http, ws) = if style.tls {
-            ("https", "wss")
-        } else {
-            ("http", "ws")
-        };
-        SessionInfo {
-            vm_id: self.vm_id.clone(),
-            target: self.target(),
-            ws_port: self.port,
-            url: if style.bundled_page {
-                // The fragment never reaches a server or proxy log.
-                format!("{http}://{authority}/vnc.html#token={}", token.value)
-            } else {
-                // Another app (Debian's noVNC) reads the WebSocket path from the query.
-                format!(
-                    "{http}://{authority}/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D{}",
-                    token.value
-                )
-            },
-            ws_url: format!("{ws}://{authority}/websockify?token={}", token.value),
-            token_expires_at: token.expires_at.map(rfc3339),
-            token: token.value,
-            created_at: rfc3339(self.created_at),
-            idle_timeout: self.limits.idle_timeout.map(duration_text),
-            max_lifetime: self.limits.max_lifetime.map(duration_text),
-            closes_at: self.limits.closes_at(self.created_at).map(rfc3339),
-            connections: viewers.len(),
-            bytes_to_client,
-            bytes_to_server,
-            viewers,
-        }
-    }
-}
-
-/// How console URLs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UrlStyle {
-    /// The bundled page reads the token from `#token=`; another app (`--web`) from `path`.
-    pub bundled_page: bool,
-    /// Session ports speak TLS: `https`/`wss`.
-    pub tls: bool,
 }
 
 /// One session's record, as the state file holds it.
@@ -548,44 +460,6 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
         out = "9999-12-31T23:59:59Z".into();
     }
     out
-}
-
-/// The Session object of the API.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SessionInfo {
-    pub vm_id: String,
-    /// `host:port`, `[v6]:port` or `unix:/path`.
-    #[schema(value_type = String, example = "127.0.0.1:5901")]
-    pub target: Target,
-    pub ws_port: u16,
-    pub url: String,
-    pub ws_url: String,
-    pub token: String,
-    /// When the token stops admitting new connections (RFC 3339); null without `--token-ttl`.
-    pub token_expires_at: Option<String>,
-    pub created_at: String,
-    /// This session's idle limit for viewers (humantime, `15m`); null: `--idle-timeout`.
-    pub idle_timeout: Option<String>,
-    /// How long after `created_at` the session closes (humantime); null: never.
-    pub max_lifetime: Option<String>,
-    /// When `max_lifetime` closes it (RFC 3339); null: never.
-    pub closes_at: Option<String>,
-    /// Live viewers.
-    pub connections: usize,
-    pub bytes_to_client: u64,
-    pub bytes_to_server: u64,
-    /// One record per live viewer.
-    pub viewers: Vec<ViewerInfo>,
-}
-
-/// One live viewer of a session.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ViewerInfo {
-    pub id: u64,
-    pub peer: String,
-    pub started_at: String,
-    pub bytes_to_client: u64,
-    pub bytes_to_server: u64,
 }
 
 #[cfg(test)]
