@@ -175,21 +175,21 @@ impl CloseReason {
 }
 
 impl<W: AsyncWrite + Unpin> ClientConn<W> {
-    /// Sends a close frame (if the connection still takes one) and waits for the viewer's,
-    /// all within [`CLOSE_GRACE`].
+    /// Sends a close frame (if the connection still takes one) within [`CLOSE_GRACE`].
     pub async fn close(&mut self, reason: &CloseReason) {
+        let _ = tokio::time::timeout(
+            CLOSE_GRACE,
+            self.writer.close(reason.code(), reason.reason()),
+        )
+        .await;
+    }
+
+    /// After [`ClientConn::close`]: reads (and drops) what the viewer still sends, up to its
+    /// close frame or EOF, within [`CLOSE_GRACE`]. A socket closed with unread input is
+    /// answered with a reset, and a browser that gets the reset before reading our close frame
+    /// loses it (it reports 1006 instead of our code).
+    pub async fn finish(&mut self) {
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            if self
-                .writer
-                .close(reason.code(), reason.reason())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            // Then read (and drop) what the viewer still sends, up to its close frame or EOF:
-            // a socket closed with unread input is answered with a reset, and a browser that
-            // gets the reset before reading our close frame loses it (it reports 1006).
             loop {
                 match self.reader.next().await {
                     Ok(crate::ws::Event::Close(_)) | Err(_) => return,
@@ -204,7 +204,7 @@ impl<W: AsyncWrite + Unpin> ClientConn<W> {
 /// Connects to `target` (`on_connected` gets how long that took) and relays until either side closes or `cancel` fires; on cancel the
 /// viewer gets the close `cancel_reason` returns (it knows why the session cancelled).
 pub async fn run_relay<W: AsyncWrite + Unpin>(
-    mut client: ClientConn<W>,
+    client: &mut ClientConn<W>,
     target: &Target,
     on_connected: impl FnOnce(Duration),
     cancel: &CancellationToken,
@@ -251,11 +251,11 @@ pub async fn run_relay<W: AsyncWrite + Unpin>(
     let end = match stream {
         TargetStream::Tcp(s) => {
             let (r, w) = s.into_split();
-            pump(&mut client, ReadSide::Tcp(r), w, cancel, traffic, settings).await
+            pump(client, ReadSide::Tcp(r), w, cancel, traffic, settings).await
         }
         TargetStream::Unix(s) => {
             let (r, w) = s.into_split();
-            pump(&mut client, ReadSide::Unix(r), w, cancel, traffic, settings).await
+            pump(client, ReadSide::Unix(r), w, cancel, traffic, settings).await
         }
     };
     // The VNC socket is closed by now (pump owned it), so the server has its EOF already.

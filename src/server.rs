@@ -500,6 +500,7 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
         client.close(&CloseReason::TooManyViewers).await;
         ctx.metrics
             .viewer_closed(Some(CloseReason::TooManyViewers.code()));
+        client.finish().await;
         return;
     };
     let viewer = guard.viewer().id;
@@ -513,7 +514,7 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
         peer.tls,
     );
     let outcome = relay::run_relay(
-        client,
+        &mut client,
         &ticket.target,
         |took| {
             ctx.metrics.target_connected(took);
@@ -556,6 +557,11 @@ async fn relay_viewer<W: AsyncWrite + Unpin>(
             (None, gone) => gone.as_deref().unwrap_or("connection gone"),
         },
     });
+    // The viewer is over (gone from the session's list); its socket is closed cleanly.
+    drop(guard);
+    if outcome.close.is_some() {
+        client.finish().await;
+    }
 }
 
 /// The first value of `name` in a query string. Tokens are hex, so no percent-decoding is needed;
