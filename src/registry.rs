@@ -457,6 +457,15 @@ impl SessionRegistry {
         self.by_vm.is_empty()
     }
 
+    /// Bytes relayed by the sessions in the table, `(to_client, to_server)`, summed in place
+    /// (no sorted copy of the table, as [`SessionRegistry::list`] makes).
+    pub fn traffic_totals(&self) -> (u64, u64) {
+        self.by_vm.iter().fold((0, 0), |(c, s), e| {
+            let (tc, ts) = e.value().traffic_totals();
+            (c + tc, s + ts)
+        })
+    }
+
     pub fn connection_count(&self) -> usize {
         self.by_vm.iter().map(|e| e.value().viewer_count()).sum()
     }

@@ -178,12 +178,12 @@ pub(super) async fn status(State(state): State<ApiState>) -> Json<Status> {
 pub(super) async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let registry = &state.registry;
     let pool = registry.pool().stats();
-    let (mut to_client, mut to_server) = registry.metrics().closed_bytes();
-    for s in registry.list() {
-        let (c, v) = s.traffic_totals();
-        to_client += c;
-        to_server += v;
-    }
+    let (closed_to_client, closed_to_server) = registry.metrics().closed_bytes();
+    let (live_to_client, live_to_server) = registry.traffic_totals();
+    let (to_client, to_server) = (
+        closed_to_client + live_to_client,
+        closed_to_server + live_to_server,
+    );
     let mut cert_not_after = Vec::new();
     if let Some(t) = registry.cert_not_after() {
         cert_not_after.push(("session", t));
