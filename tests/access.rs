@@ -155,7 +155,13 @@ async fn the_origin_policy_refuses_other_sites_before_the_vnc_server_is_reached(
 #[tokio::test(start_paused = true)]
 async fn tokens_expire_for_new_connections_and_an_open_renews_them() {
     let fake = FakeVnc::tcp(Mode::Echo).await;
-    let gate = TestGate::start_with(2, |c| c.token_ttl = Some(Duration::from_secs(3600))).await;
+    // No cleanup pass: its 30 s timer is what the paused clock jumps to whenever the runtime
+    // waits on a thread (the state file's write), and enough jumps expire the token early.
+    let gate = TestGate::start_with(2, |c| {
+        c.token_ttl = Some(Duration::from_secs(3600));
+        c.cleanup_interval = None;
+    })
+    .await;
     let session = gate.open_ok("vm-ttl", &fake.target).await;
     let (addr, token) = (port_of(&session), token_of(&session));
     let created = humantime::parse_rfc3339(session["created_at"].as_str().expect("created_at"))
