@@ -15,9 +15,9 @@ npm_ci static
 
 if [ "${1:-}" = "--test" ]; then
   # Real VNC servers (Xvnc, QEMU with SeaBIOS), X clients, the browser, Debian's noVNC app,
-  # Prometheus (and promtool) for the metrics test.
+  # Prometheus (and promtool) for the metrics test, nginx for the reverse-proxy test.
   packages=(tigervnc-standalone-server tigervnc-tools xterm x11-xserver-utils xclip
-            qemu-system-x86 chromium novnc prometheus
+            qemu-system-x86 chromium novnc prometheus nginx
             libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config tini)
   missing=()
   for p in "${packages[@]}"; do

@@ -100,6 +100,8 @@ pub struct ApiState {
     pub limits: Arc<ConnectionLimits>,
     /// The cleanup pass (`POST /v1/cleanup`, `last_cleanup` in status).
     pub cleanup: Arc<crate::cleanup::Cleanup>,
+    /// The public port's number (`--public-listen`), for status.
+    pub public_port: Option<u16>,
 }
 
 /// Serves the API on `listener` until its `stop`: the one accept loop of [`crate::http`], each

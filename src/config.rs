@@ -17,7 +17,7 @@ use crate::tls::{TlsFiles, TlsVersion};
 
 mod values;
 use values::{
-    default_listen_host, invalid, parse_count, parse_ip, parse_socket_addr,
+    default_listen_host, invalid, parse_base_url, parse_count, parse_ip, parse_socket_addr,
     warn_if_ephemeral_overlap,
 };
 pub use values::{parse_duration, parse_port_range, parse_public_host};
@@ -38,6 +38,8 @@ pub const DEFAULT_AUTH_FAIL_LIMIT: u32 = 20;
 /// Connections not yet upgraded per client address (`--max-pending-per-ip`): a browser
 /// opens about six per host; 64 leaves room for a whole office behind one NAT.
 pub const DEFAULT_MAX_PENDING_PER_IP: usize = 64;
+/// Default cap on sessions with `--session-ports off` (no pool to bound it).
+pub const DEFAULT_MAX_SESSIONS_PORTLESS: usize = 10_000;
 
 /// Everything the daemon needs, already validated. Tests build it directly.
 #[derive(Debug, Clone)]
@@ -50,8 +52,16 @@ pub struct Config {
     pub public_host: Option<String>,
     /// The port pool.
     pub port_range: RangeInclusive<u16>,
-    /// Cap on open sessions (at most the pool's size).
+    /// Cap on open sessions (at most the pool's size while sessions have ports).
     pub max_sessions: usize,
+    /// `--public-listen`: one port serving every session under `/s/{vm_id}/`.
+    pub public_listen: Option<SocketAddr>,
+    /// `--public-base-url`: `scheme://host[:port][/prefix]` (no trailing `/`) written into
+    /// `public_url`s, for a reverse proxy in front of the public port.
+    pub public_base_url: Option<String>,
+    /// `--session-ports`: `false` (`off`) binds no pool ports; sessions live on the public
+    /// port only (requires `public_listen`).
+    pub session_ports: bool,
     /// WebSocket ping period; two missed pongs drop the connection.
     pub ping_interval: Duration,
     /// Live viewers per session port.
@@ -122,6 +132,9 @@ impl Default for Config {
             public_host: None,
             port_range: 6100..=6999,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            public_listen: None,
+            public_base_url: None,
+            session_ports: true,
             ping_interval: DEFAULT_PING_INTERVAL,
             max_connections_per_session: DEFAULT_MAX_CONNECTIONS_PER_SESSION,
             idle_timeout: None,
@@ -281,6 +294,15 @@ pub struct ServeArgs {
     /// With --libvirt: name (the domain name is the vm_id) or uuid [default: name]
     #[arg(long, env = "VNCGATE_LIBVIRT_ID")]
     pub libvirt_id: Option<String>,
+    /// One port serving every session under /s/{vm_id}/, e.g. [::]:6443 [default: off]
+    #[arg(long, env = "VNCGATE_PUBLIC_LISTEN")]
+    pub public_listen: Option<String>,
+    /// scheme://host[:port][/prefix] written into public_url (a reverse proxy in front)
+    #[arg(long, env = "VNCGATE_PUBLIC_BASE_URL")]
+    pub public_base_url: Option<String>,
+    /// on, or off: no pool ports, sessions only on the public port (needs --public-listen) [default: on]
+    #[arg(long, env = "VNCGATE_SESSION_PORTS")]
+    pub session_ports: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -347,6 +369,12 @@ struct FileConfig {
     libvirt: Option<String>,
     #[serde(alias = "libvirt_id")]
     libvirt_id: Option<String>,
+    #[serde(alias = "public_listen")]
+    public_listen: Option<String>,
+    #[serde(alias = "public_base_url")]
+    public_base_url: Option<String>,
+    #[serde(alias = "session_ports")]
+    session_ports: Option<String>,
 }
 
 fn value_text(v: toml::Value) -> String {
@@ -384,17 +412,52 @@ impl ServeArgs {
         if let Some(v) = pick(&self.port_range, file.port_range) {
             config.port_range = parse_port_range(&v)?;
         }
+        if let Some(v) = pick(&self.public_listen, file.public_listen) {
+            config.public_listen = Some(parse_socket_addr("--public-listen", &v)?);
+        }
+        if let Some(v) = pick(&self.public_base_url, file.public_base_url) {
+            if config.public_listen.is_none() {
+                return Err(invalid(
+                    "--public-base-url",
+                    &v,
+                    "only means something with --public-listen ADDR",
+                ));
+            }
+            config.public_base_url = Some(parse_base_url(&v)?);
+        }
+        if let Some(v) = pick(&self.session_ports, file.session_ports) {
+            config.session_ports = match v.trim() {
+                "on" => true,
+                "off" => false,
+                _ => return Err(invalid("--session-ports", &v, "expected on or off")),
+            };
+            if !config.session_ports && config.public_listen.is_none() {
+                return Err(invalid(
+                    "--session-ports",
+                    &v,
+                    "off needs --public-listen ADDR: without session ports, the public port is the only way to a console",
+                ));
+            }
+        }
         let pool_size = config.port_range.len();
-        config.max_sessions = DEFAULT_MAX_SESSIONS.min(pool_size);
+        config.max_sessions = if config.session_ports {
+            DEFAULT_MAX_SESSIONS.min(pool_size)
+        } else {
+            DEFAULT_MAX_SESSIONS_PORTLESS
+        };
         if let Some(v) = pick(&self.max_sessions, file.max_sessions.map(value_text)) {
             let wanted = parse_count("--max-sessions", &v)?;
-            if wanted > pool_size {
-                warn!(
-                    wanted,
-                    pool_size, "--max-sessions exceeds the port pool; clamped to the pool size"
-                );
-            }
-            config.max_sessions = wanted.min(pool_size);
+            config.max_sessions = if !config.session_ports {
+                wanted
+            } else {
+                if wanted > pool_size {
+                    warn!(
+                        wanted,
+                        pool_size, "--max-sessions exceeds the port pool; clamped to the pool size"
+                    );
+                }
+                wanted.min(pool_size)
+            };
         }
         if let Some(v) = pick(&self.ping_interval, file.ping_interval) {
             config.ping_interval =

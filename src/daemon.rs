@@ -18,6 +18,7 @@ use crate::pool::{self, PortPool};
 use crate::registry::SessionRegistry;
 use crate::relay::RelaySettings;
 use crate::server::ServerContext;
+use crate::session::PublicBase;
 use crate::state::{self, CommitError, StateError, StateLock};
 use crate::tls::{ReloadableTls, TlsError, TlsFiles, TlsVersion};
 use crate::web::WebRoot;
@@ -46,6 +47,13 @@ pub enum DaemonError {
         "cannot listen for the control API on {addr}: {source} (is another vncgate running? choose another --api-listen)"
     )]
     ApiBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot listen for the public port on {addr}: {source} (is another vncgate running? choose another --public-listen)"
+    )]
+    PublicBind {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -144,8 +152,25 @@ impl Daemon {
             config.max_sessions,
             config.listen_host,
         );
+        // Bound before the sessions come back (their URLs name its port), like them before
+        // the API.
+        let public_listener = config
+            .public_listen
+            .map(|addr| {
+                pool::bind_listener(addr).map_err(|source| DaemonError::PublicBind { addr, source })
+            })
+            .transpose()?;
+        let public_port = public_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port());
         let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
-        let fitting = access::default_max_connections(nofile, config.port_range.len());
+        let pool_ports = if config.session_ports {
+            config.port_range.len()
+        } else {
+            0
+        };
+        let fitting = access::default_max_connections(nofile, pool_ports);
         let max_connections = config.max_connections.unwrap_or(fitting);
         if max_connections > fitting {
             warn!(
@@ -180,8 +205,27 @@ impl Daemon {
             token_ttl: config.token_ttl,
             csp,
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            public: public_port.map(|port| match &config.public_base_url {
+                Some(url) => PublicBase::Url(url.as_str().into()),
+                None => PublicBase::Port(port),
+            }),
+            session_ports: config.session_ports,
         });
-        let registry = SessionRegistry::new(pool, Arc::clone(&ctx), config.state_file.clone());
+        let registry = SessionRegistry::new(
+            pool,
+            Arc::clone(&ctx),
+            config.state_file.clone(),
+            config.max_sessions,
+        );
+        if let Some(listener) = public_listener {
+            let addr = config.public_listen.unwrap_or(config.api_listen);
+            crate::server::public::spawn_public_server(
+                listener,
+                registry.table(),
+                Arc::clone(&ctx),
+            )
+            .map_err(|source| DaemonError::PublicBind { addr, source })?;
+        }
         let stored = records.len();
         registry.restore(records);
         if stored > 0 {
@@ -224,6 +268,7 @@ impl Daemon {
             guard: Arc::clone(&api_guard),
             limits: Arc::clone(&limits),
             cleanup: Arc::clone(&cleanup),
+            public_port,
         });
         tracker.spawn(api::serve(
             http::Listener {
@@ -258,6 +303,8 @@ impl Daemon {
             port_range = %format!("{}-{}", config.port_range.start(), config.port_range.end()),
             max_sessions = config.max_sessions,
             max_connections,
+            public_port,
+            session_ports = config.session_ports,
             api_auth = api_guard.requires_token(),
             "vncgate serving"
         );
@@ -300,7 +347,13 @@ impl Daemon {
         self.registry
             .pool()
             .reconfigure(new.port_range.clone(), new.max_sessions);
-        let fitting = access::default_max_connections(self.nofile, new.port_range.len());
+        self.registry.set_max_sessions(new.max_sessions);
+        let pool_ports = if self.started.session_ports {
+            new.port_range.len()
+        } else {
+            0
+        };
+        let fitting = access::default_max_connections(self.nofile, pool_ports);
         let max_connections = new.max_connections.unwrap_or(fitting);
         self.limits
             .set_caps(max_connections, new.max_pending_per_ip);
@@ -427,7 +480,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
     }
-    let checks: [(&'static str, bool); 23] = [
+    let checks: [(&'static str, bool); 26] = [
         ("--api-listen", differs(&old.api_listen, &new.api_listen)),
         ("--listen-host", differs(&old.listen_host, &new.listen_host)),
         ("--public-host", differs(&old.public_host, &new.public_host)),
@@ -477,6 +530,18 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("--log-format", differs(&old.log_format, &new.log_format)),
         ("--start-empty", differs(&old.start_empty, &new.start_empty)),
         ("--libvirt", differs(&old.libvirt, &new.libvirt)),
+        (
+            "--public-listen",
+            differs(&old.public_listen, &new.public_listen),
+        ),
+        (
+            "--public-base-url",
+            differs(&old.public_base_url, &new.public_base_url),
+        ),
+        (
+            "--session-ports",
+            differs(&old.session_ports, &new.session_ports),
+        ),
         (
             "--libvirt-id",
             differs(&old.libvirt_id_uuid, &new.libvirt_id_uuid),

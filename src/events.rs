@@ -26,7 +26,7 @@ pub const TARGET: &str = "vncgate::events";
 /// A viewer's WebSocket was accepted and its relay starts (`event = "viewer_connect"`).
 pub fn viewer_connected(
     vm_id: &str,
-    port: u16,
+    port: Option<u16>,
     viewer: u64,
     peer: SocketAddr,
     target: &Target,
@@ -39,7 +39,7 @@ pub fn viewer_connected(
 #[derive(Debug)]
 pub struct ViewerEnd<'a> {
     pub vm_id: &'a str,
-    pub port: u16,
+    pub port: Option<u16>,
     pub viewer: u64,
     pub peer: SocketAddr,
     pub duration: Duration,
@@ -64,28 +64,28 @@ pub fn viewer_disconnected(end: &ViewerEnd<'_>) {
 }
 
 /// A session was opened (`event = "session_open"`).
-pub fn session_opened(vm_id: &str, port: u16, target: &Target) {
+pub fn session_opened(vm_id: &str, port: Option<u16>, target: &Target) {
     info!(target: TARGET, event = "session_open", vm_id, port, vnc_target = %target, "session opened");
 }
 
 /// A session's target changed (`event = "session_retarget"`).
-pub fn session_retargeted(vm_id: &str, port: u16, target: &Target) {
+pub fn session_retargeted(vm_id: &str, port: Option<u16>, target: &Target) {
     info!(target: TARGET, event = "session_retarget", vm_id, port, vnc_target = %target, "session retargeted");
 }
 
 /// A session got a new token (`event = "session_rotate"`).
-pub fn token_rotated(vm_id: &str, port: u16, disconnect: bool, renewed_by_open: bool) {
+pub fn token_rotated(vm_id: &str, port: Option<u16>, disconnect: bool, renewed_by_open: bool) {
     info!(target: TARGET, event = "session_rotate", vm_id, port, disconnect, renewed_by_open, "session token rotated");
 }
 
 /// An operator disconnected one viewer (`event = "viewer_kick"`).
-pub fn viewer_kicked(vm_id: &str, port: u16, viewer: u64) {
+pub fn viewer_kicked(vm_id: &str, port: Option<u16>, viewer: u64) {
     info!(target: TARGET, event = "viewer_kick", vm_id, port, viewer, "viewer disconnected by operator");
 }
 
 /// A session was closed (`event = "session_close"`): `reason` is `deleted`, `target_gone` or
 /// `max_lifetime`.
-pub fn session_closed(vm_id: &str, port: u16, target: &Target, reason: &str) {
+pub fn session_closed(vm_id: &str, port: Option<u16>, target: &Target, reason: &str) {
     info!(target: TARGET, event = "session_close", vm_id, port, vnc_target = %target, reason, "session closed");
 }
 

@@ -40,6 +40,10 @@ pub enum PoolError {
         foreign: usize,
         cap: usize,
     },
+    #[error(
+        "session cap reached: {sessions} sessions are open and --max-sessions is {cap} (--session-ports off). Close sessions or raise --max-sessions"
+    )]
+    SessionCap { sessions: usize, cap: usize },
     #[error("binding port {port} failed: {source} (errno {errno})", errno = source.raw_os_error().unwrap_or(0))]
     Bind { port: u16, source: io::Error },
 }
@@ -52,7 +56,7 @@ impl PoolError {
 }
 
 /// Counts for `/v1/status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PoolStats {
     pub total_ports: usize,
     pub allocated_ports: usize,

@@ -15,6 +15,7 @@ use crate::events;
 use crate::metrics::{CloseCause, Metrics};
 use crate::pool::{PoolError, PortPool};
 use crate::server::{self, ServerContext};
+pub use crate::session::SessionTable;
 use crate::session::{Session, SessionLimits, SessionToken, UrlStyle, lock, rfc3339, wall_now};
 use crate::state::{self, CommitError, CommitStats, Committer};
 use crate::target::{Target, TargetError};
@@ -98,6 +99,9 @@ pub struct SessionRegistry {
     close_watchers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<(String, CloseCause)>>>,
     /// Itself, for the tasks that close a session at its `max_lifetime`.
     me: Weak<SessionRegistry>,
+    /// `--max-sessions` with `--session-ports off` (the pool's cap otherwise); a reload
+    /// changes it.
+    portless_cap: std::sync::atomic::AtomicUsize,
 }
 
 /// Holds one vm_id's lock; forgets the lock entry when nobody else waits for it.
@@ -122,11 +126,19 @@ enum PortChoice {
     /// The port it had before a restart (the cap does not apply: a restart never drops a
     /// session it can still serve).
     Restore(u16),
+    /// No port (`--session-ports off`): served on the public port only. `capped`: an open,
+    /// held to `--max-sessions`; a restore is not.
+    None { capped: bool },
 }
 
 impl SessionRegistry {
     /// Starts the registry and its state writer (which stops with `ctx.root`).
-    pub fn new(pool: Arc<PortPool>, ctx: Arc<ServerContext>, state_path: PathBuf) -> Arc<Self> {
+    pub fn new(
+        pool: Arc<PortPool>,
+        ctx: Arc<ServerContext>,
+        state_path: PathBuf,
+        max_sessions: usize,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|weak: &Weak<SessionRegistry>| {
             let snap = weak.clone();
             let failed = weak.clone();
@@ -167,6 +179,7 @@ impl SessionRegistry {
                 extra_warnings: Mutex::new(std::collections::BTreeMap::new()),
                 close_watchers: Mutex::new(Vec::new()),
                 me: weak.clone(),
+                portless_cap: std::sync::atomic::AtomicUsize::new(max_sessions),
             }
         })
     }
@@ -176,7 +189,34 @@ impl SessionRegistry {
         UrlStyle {
             bundled_page: self.ctx.web.is_bundled(),
             tls: self.ctx.tls.is_some(),
+            public: self.ctx.public.clone(),
         }
+    }
+
+    /// Whether sessions get pool ports (`--session-ports on`).
+    pub fn session_ports(&self) -> bool {
+        self.ctx.session_ports
+    }
+
+    /// The most sessions at once: the pool's cap, or `--max-sessions` with
+    /// `--session-ports off`.
+    pub fn max_sessions(&self) -> usize {
+        if self.ctx.session_ports {
+            self.pool.cap()
+        } else {
+            self.portless_cap.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// A reload's `--max-sessions` with `--session-ports off` (the pool takes its own).
+    pub fn set_max_sessions(&self, max_sessions: usize) {
+        self.portless_cap
+            .store(max_sessions, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The table by vm_id, for the public port's routing.
+    pub fn table(&self) -> SessionTable {
+        Arc::clone(&self.by_vm)
     }
 
     /// The daemon's counters and histograms.
@@ -186,6 +226,15 @@ impl SessionRegistry {
 
     pub fn pool(&self) -> &Arc<PortPool> {
         &self.pool
+    }
+
+    /// The pool's counts, all zero with `--session-ports off` (no port is ever bound).
+    pub fn pool_stats(&self) -> crate::pool::PoolStats {
+        if self.ctx.session_ports {
+            self.pool.stats()
+        } else {
+            crate::pool::PoolStats::default()
+        }
     }
 
     pub fn state_path(&self) -> &std::path::Path {
@@ -218,11 +267,35 @@ impl SessionRegistry {
         let (lease, listener) = match port {
             PortChoice::Any => self.pool.allocate()?,
             PortChoice::Restore(p) => self.pool.allocate_port(p)?,
+            PortChoice::None { capped } => {
+                let session = Session::new(
+                    vm_id,
+                    None,
+                    token,
+                    created_at,
+                    target,
+                    limits,
+                    &self.ctx.root,
+                );
+                self.by_vm.insert(vm_id.to_owned(), Arc::clone(&session));
+                // Entered first, counted after: two opens racing for the last place may both
+                // be refused, but the cap is never passed.
+                let cap = self.max_sessions();
+                if capped && self.by_vm.len() > cap {
+                    self.by_vm.remove_if(vm_id, |_, s| Arc::ptr_eq(s, &session));
+                    session.begin_stop();
+                    return Err(SessionError::Pool(PoolError::SessionCap {
+                        sessions: self.by_vm.len(),
+                        cap,
+                    }));
+                }
+                return Ok(session);
+            }
         };
         let port = lease.port();
         let session = Session::new(
             vm_id,
-            port,
+            Some(port),
             token,
             created_at,
             target,
@@ -353,7 +426,11 @@ impl SessionRegistry {
             SessionToken::issue(self.ctx.token_ttl),
             wall_now(),
             limits,
-            PortChoice::Any,
+            if self.ctx.session_ports {
+                PortChoice::Any
+            } else {
+                PortChoice::None { capped: true }
+            },
         )?;
         let (table, gone) = (Arc::clone(&self.by_vm), Arc::clone(&session));
         let rollback = Box::new(move || {
@@ -514,12 +591,16 @@ impl SessionRegistry {
     }
 
     /// The state file's bytes for the table as it is, sessions ordered by port (unique, and
-    /// cheaper to sort than names: this runs once per write).
+    /// cheaper to sort than names: this runs once per write), port-less ones by vm_id.
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut records: Vec<(u16, Arc<[u8]>)> =
-            self.by_vm.iter().map(|e| (e.port, e.record())).collect();
-        records.sort_unstable_by_key(|r| r.0);
-        state::render(records.iter().map(|(_, r)| &r[..]))
+        let mut records: Vec<(Option<u16>, Arc<Session>)> = self
+            .by_vm
+            .iter()
+            .map(|e| (e.port, Arc::clone(e.value())))
+            .collect();
+        records.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.vm_id.cmp(&b.1.vm_id)));
+        let records: Vec<Arc<[u8]>> = records.iter().map(|(_, s)| s.record()).collect();
+        state::render(records.iter().map(|r| &r[..]))
     }
 
     /// Writes the table as it is (the last write at shutdown, after the writer stopped).

@@ -1,21 +1,22 @@
 //! Routing on a session port: the console page, `GET /session`, and the WebSocket upgrade
 //! with its checks; the accepted viewer goes to the relay. Connections come from [`crate::http`].
 //!
-//! Every request is handled against the [`Session`] the port serves; the checks (token,
-//! subprotocol, viewer cap) take the session as an argument, so a single public port that
-//! resolves the session from the token can reuse them unchanged.
+//! Every request is handled against the [`Session`] it is for, with the path inside that
+//! session: a session port serves one session at its root; the public port
+//! ([`public`], DESIGN.md "Single public port") finds the session from `/s/{vm_id}/` and
+//! hands the rest of the path to the same function, so token, Origin, limits and TLS are
+//! checked by one piece of code for both.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn};
@@ -26,10 +27,15 @@ use crate::http::{self, ClientStream, Conn, Peer, UpgradedIo};
 use crate::metrics::{ConnectOutcome, Metrics};
 use crate::pool::PortLease;
 use crate::relay::{self, ClientConn, CloseReason, RelaySettings};
-use crate::session::{Session, TargetTicket, TokenCheck};
+use crate::session::{PublicBase, Session, TargetTicket, TokenCheck};
 use crate::tls::ReloadableTls;
 use crate::web::{self, Body, WebRoot, full};
 use crate::ws::{FrameReader, FrameWriter, ReadSide};
+
+mod handshake;
+pub mod public;
+
+use handshake::{Refusal, accept_websocket, forbidden, wants_websocket};
 
 /// What every session server shares.
 #[derive(Debug)]
@@ -54,6 +60,10 @@ pub struct ServerContext {
     pub csp: HeaderValue,
     /// Counters and histograms of `GET /metrics`.
     pub metrics: Arc<Metrics>,
+    /// Where the public port's URLs point (`--public-listen`, `--public-base-url`).
+    pub public: Option<PublicBase>,
+    /// `--session-ports`: `false` binds no pool ports.
+    pub session_ports: bool,
 }
 
 /// Starts serving `session` on its pool port. The task owns the listener and the lease, so
@@ -88,7 +98,10 @@ pub fn spawn_session_server(
                 let session = Arc::clone(&session);
                 let ctx = Arc::clone(&ctx);
                 let conn = conn.clone();
-                async move { Ok::<_, Infallible>(handle(req, conn, &session, &ctx).await) }
+                async move {
+                    let path = req.uri().path().to_owned();
+                    Ok::<_, Infallible>(handle(req, conn, &session, &ctx, &path).await)
+                }
             })
         })
         .await;
@@ -97,11 +110,15 @@ pub fn spawn_session_server(
     }))
 }
 
+/// Answers one request for `session`; `path` is the path inside the session (`/vnc.html`,
+/// `/session`, `/websockify`): the request's own on a session port, what follows
+/// `/s/{vm_id}` on the public port.
 async fn handle(
     mut req: Request<Incoming>,
     conn: Conn,
     session: &Arc<Session>,
     ctx: &Arc<ServerContext>,
+    path: &str,
 ) -> Response<Body> {
     let peer = conn.peer;
     if wants_websocket(req.headers()) {
@@ -151,7 +168,7 @@ async fn handle(
             "session ports answer GET only",
         );
     }
-    match req.uri().path() {
+    match path {
         "/session" => {
             let client = ctx.access.client(peer.addr.ip(), peer.tls, req.headers());
             // Another site can make a browser fetch this (an <img>): it must not be able to
@@ -186,7 +203,7 @@ async fn handle(
                 Err(refusal) => refusal.into_response(),
             }
         }
-        _ => web::serve(&ctx.web, &ctx.csp, req).await,
+        _ => web::serve_path(&ctx.web, &ctx.csp, path, req).await,
     }
 }
 
@@ -239,195 +256,6 @@ fn check_token(
                 "wrong token for this console session (it may have been rotated: ask the platform for a new link)",
             ))
         }
-    }
-}
-
-/// A request that asks for a WebSocket, on any path (noVNC's default is `websockify`).
-fn wants_websocket(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
-        })
-}
-
-/// A refused upgrade: the HTTP answer given instead of 101.
-#[derive(Debug)]
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// For 429: seconds until the client may try again.
-    retry_after: Option<u64>,
-}
-
-impl Refusal {
-    fn into_response(self) -> Response<Body> {
-        let mut response = json_error(self.status, self.code, &self.message);
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        if self.status == StatusCode::UPGRADE_REQUIRED {
-            response.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-        }
-        response
-    }
-}
-
-fn forbidden(message: &str) -> Refusal {
-    Refusal {
-        status: StatusCode::FORBIDDEN,
-        code: "forbidden",
-        message: message.to_owned(),
-        retry_after: None,
-    }
-}
-
-fn bad_request(message: String) -> Refusal {
-    Refusal {
-        status: StatusCode::BAD_REQUEST,
-        code: "invalid_request",
-        message,
-        retry_after: None,
-    }
-}
-
-/// Checks a WebSocket request and builds the 101 answer. Nothing reaches the VNC server
-/// unless every check passes: the failed-token limit, the Origin policy, the token, then
-/// the handshake itself (RFC 6455 section 4.2.1).
-fn accept_websocket(
-    req: &mut Request<Incoming>,
-    peer: Peer,
-    session: &Session,
-    ctx: &ServerContext,
-) -> Result<Response<Body>, Refusal> {
-    let client = ctx.access.client(peer.addr.ip(), peer.tls, req.headers());
-    if let Some(retry_after) = ctx.access.failures.blocked(client.addr) {
-        return Err(Refusal {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            code: "rate_limited",
-            message: format!(
-                "too many wrong console tokens from {}: try again in {retry_after} s",
-                client.addr
-            ),
-            retry_after: Some(retry_after),
-        });
-    }
-    if let Err(message) = ctx.access.check_origin(&client, req.headers()) {
-        return Err(Refusal {
-            status: StatusCode::FORBIDDEN,
-            code: "origin_refused",
-            message,
-            retry_after: None,
-        });
-    }
-    check_token(req.uri().query(), &client.addr, session, ctx)?;
-    let headers = req.headers();
-    if req.version() < hyper::Version::HTTP_11 {
-        return Err(bad_request(format!(
-            "a WebSocket upgrade needs HTTP/1.1 or later, this request is {:?} (RFC 6455 4.1)",
-            req.version()
-        )));
-    }
-    if req.method() != Method::GET {
-        return Err(bad_request("a WebSocket upgrade must be a GET".into()));
-    }
-    for name in [
-        header::HOST,
-        header::SEC_WEBSOCKET_KEY,
-        header::SEC_WEBSOCKET_VERSION,
-    ] {
-        match headers.get_all(&name).iter().count() {
-            1 => {}
-            0 => return Err(bad_request(format!("missing {name} header"))),
-            _ => return Err(bad_request(format!("duplicated {name} header"))),
-        }
-    }
-    let connection_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        });
-    if !connection_upgrade {
-        return Err(bad_request("missing Connection: Upgrade".into()));
-    }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        return Err(Refusal {
-            status: StatusCode::UPGRADE_REQUIRED,
-            code: "invalid_request",
-            message: "only WebSocket version 13 is supported".into(),
-            retry_after: None,
-        });
-    }
-    let Some(key) = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .filter(|k| is_websocket_key(k.as_bytes()))
-    else {
-        return Err(bad_request(
-            "malformed Sec-WebSocket-Key: expected 16 random bytes in base64 (RFC 6455 4.1)".into(),
-        ));
-    };
-    let protocol = choose_subprotocol(headers)?;
-    let mut response = Response::new(full(""));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = response.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    let accept = derive_accept_key(key.as_bytes());
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).map_err(|_| bad_request("bad Sec-WebSocket-Key".into()))?,
-    );
-    if let Some(p) = protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
-    }
-    Ok(response)
-}
-
-/// A `Sec-WebSocket-Key`: base64 of exactly 16 bytes, so 22 characters, the last of which
-/// carries 2 zero bits, then `==`.
-fn is_websocket_key(key: &[u8]) -> bool {
-    let b64 = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
-    key.len() == 24
-        && key[..22].iter().all(b64)
-        && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
-        && &key[22..] == b"=="
-}
-
-/// `binary` when offered; no header when nothing is offered (noVNC >= 1.2, and Chrome aborts
-/// on a protocol it did not ask for); only other protocols (e.g. the dropped `base64`) is 400.
-fn choose_subprotocol(headers: &HeaderMap) -> Result<Option<&'static str>, Refusal> {
-    let offered: Vec<String> = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_owned())
-        .filter(|p| !p.is_empty())
-        .collect();
-    if offered.is_empty() {
-        Ok(None)
-    } else if offered.iter().any(|p| p == "binary") {
-        Ok(Some("binary"))
-    } else {
-        Err(bad_request(format!(
-            "unsupported WebSocket subprotocol(s) {}: vncgate speaks only \"binary\" (or none)",
-            offered.join(", ")
-        )))
     }
 }
 
@@ -602,40 +430,5 @@ mod tests {
         assert_eq!(query_param(Some("tokenx=1"), "token"), None);
         assert_eq!(query_param(Some("token"), "token"), Some(""));
         assert_eq!(query_param(None, "token"), None);
-    }
-
-    #[test]
-    fn websocket_keys() {
-        for ok in ["dGhlIHNhbXBsZSBub25jZQ==", "AAAAAAAAAAAAAAAAAAAAAA=="] {
-            assert!(is_websocket_key(ok.as_bytes()), "{ok}");
-        }
-        for bad in [
-            "",
-            "dGhlIHNhbXBsZSBub25jZQ",
-            "dGhlIHNhbXBsZSBub25jZR==",
-            "dGhlIHNhbXBsZSBub25j*Q==",
-            "dGhlIHNhbXBsZSBub25jZQ==x",
-            "dGhlIHNhbXBsZSBub25jZQ=A",
-        ] {
-            assert!(!is_websocket_key(bad.as_bytes()), "{bad}");
-        }
-    }
-
-    #[test]
-    fn subprotocols() {
-        let offer = |v: Option<&str>| {
-            let mut h = HeaderMap::new();
-            if let Some(v) = v {
-                h.insert(
-                    header::SEC_WEBSOCKET_PROTOCOL,
-                    HeaderValue::from_str(v).expect("header"),
-                );
-            }
-            choose_subprotocol(&h).map_err(|r| r.status)
-        };
-        assert_eq!(offer(None), Ok(None));
-        assert_eq!(offer(Some("binary")), Ok(Some("binary")));
-        assert_eq!(offer(Some("base64, binary")), Ok(Some("binary")));
-        assert_eq!(offer(Some("base64")), Err(StatusCode::BAD_REQUEST));
     }
 }

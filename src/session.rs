@@ -18,8 +18,12 @@ mod info;
 mod limits;
 use crate::state::{SessionRecord, TokenRecord};
 use crate::target::Target;
-pub use info::{SessionInfo, UrlStyle, ViewerInfo};
+pub use info::{PublicBase, SessionInfo, UrlStyle, ViewerInfo};
 pub use limits::{MAX_LIMIT, MIN_LIMIT_SECS, SessionLimits, duration_text, parse_limit};
+
+/// The session table by vm_id, as the registry keeps it and the public port reads it:
+/// sharded, so no lock is shared by every connection.
+pub type SessionTable = Arc<dashmap::DashMap<String, Arc<Session>>>;
 
 /// 192 random bits, hex: unguessable and safe in a URL without escaping.
 pub(crate) fn new_token() -> String {
@@ -174,7 +178,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct Session {
     pub vm_id: String,
-    pub port: u16,
+    /// The pool port; `None` with `--session-ports off` (served on the public port only).
+    pub port: Option<u16>,
     pub created_at: SystemTime,
     pub limits: SessionLimits,
     /// Target, token and the record they make; one lock, so the record always matches.
@@ -195,7 +200,7 @@ impl Session {
     /// served: the registry starts its server and hands the task to [`Session::set_server_task`].
     pub fn new(
         vm_id: &str,
-        port: u16,
+        port: Option<u16>,
         token: SessionToken,
         created_at: SystemTime,
         target: Target,
@@ -430,7 +435,7 @@ impl Session {
 fn render_record(
     vm_id: &str,
     target: &Target,
-    port: u16,
+    port: Option<u16>,
     token: &SessionToken,
     created_at: SystemTime,
     limits: SessionLimits,
@@ -480,7 +485,7 @@ mod tests {
         let first = SessionToken::issue(Some(Duration::from_secs(60)));
         let s = Session::new(
             "vm",
-            7000,
+            Some(7000),
             first.clone(),
             SystemTime::now(),
             target,
@@ -518,7 +523,7 @@ mod tests {
         let target: Target = "127.0.0.1:5901".parse().expect("target");
         let s = Session::new(
             "vm",
-            7000,
+            Some(7000),
             SessionToken::issue(None),
             SystemTime::now(),
             target,

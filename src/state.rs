@@ -34,7 +34,8 @@ pub struct StateDoc {
 pub struct SessionRecord {
     pub vm_id: String,
     pub target: String,
-    pub ws_port: u16,
+    /// Null for a session of `--session-ports off` (releases before that mode cannot read it).
+    pub ws_port: Option<u16>,
     /// A list with expiries from the start, so token lifetimes and rotation need no migration.
     pub tokens: Vec<TokenRecord>,
     pub created_at: String,
@@ -202,10 +203,12 @@ pub fn validate(records: &[SessionRecord]) -> Result<(), String> {
                 r.vm_id
             ));
         }
-        if let Some(first) = ports.insert(r.ws_port, i) {
+        if let Some(port) = r.ws_port
+            && let Some(first) = ports.insert(port, i)
+        {
             return Err(format!(
-                "records {first} and {i} ({:?}) both hold port {}",
-                r.vm_id, r.ws_port
+                "records {first} and {i} ({:?}) both hold port {port}",
+                r.vm_id
             ));
         }
         for (field, value) in [
@@ -609,7 +612,7 @@ mod tests {
         assert_eq!(records.len(), 2);
         assert_eq!(records[0].vm_id, "vm-100");
         assert_eq!(records[0].target, "127.0.0.1:5901");
-        assert_eq!(records[0].ws_port, 6100);
+        assert_eq!(records[0].ws_port, Some(6100));
         assert_eq!(records[0].tokens[0].expires_at, None);
         assert_eq!(records[1].target, "unix:/run/vnc/vm-101.sock");
     }
@@ -643,7 +646,7 @@ mod tests {
             sessions: vec![SessionRecord {
                 vm_id: "vm-1".into(),
                 target: "[::1]:5900".into(),
-                ws_port: 6101,
+                ws_port: Some(6101),
                 tokens: vec![TokenRecord {
                     value: "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a6978".into(),
                     expires_at: None,
@@ -692,7 +695,7 @@ mod tests {
         let rec = |vm: &str, port: u16, token: &str| SessionRecord {
             vm_id: vm.into(),
             target: "127.0.0.1:5900".into(),
-            ws_port: port,
+            ws_port: Some(port),
             tokens: vec![TokenRecord {
                 value: token.into(),
                 expires_at: None,
@@ -761,7 +764,7 @@ mod tests {
                 .map(|i| SessionRecord {
                     vm_id: format!("vm-{i}"),
                     target: "127.0.0.1:5900".into(),
-                    ws_port: 6100 + i as u16,
+                    ws_port: Some(6100 + i as u16),
                     tokens: vec![],
                     created_at: "2026-11-26T00:00:00Z".into(),
                     idle_timeout: None,

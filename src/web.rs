@@ -152,7 +152,19 @@ fn not_found() -> Response<Body> {
 /// Serves a GET or HEAD for a static asset; HTML pages carry `csp`
 /// ([`content_security_policy`]).
 pub async fn serve<B>(root: &WebRoot, csp: &HeaderValue, req: Request<B>) -> Response<Body> {
-    let Some(path) = clean_path(req.uri().path()) else {
+    let path = req.uri().path().to_owned();
+    serve_path(root, csp, &path, req).await
+}
+
+/// [`serve`] for the asset at `raw_path` (the path inside a session: the public port
+/// strips its `/s/{vm_id}` prefix) rather than the request's own path.
+pub async fn serve_path<B>(
+    root: &WebRoot,
+    csp: &HeaderValue,
+    raw_path: &str,
+    req: Request<B>,
+) -> Response<Body> {
+    let Some(path) = clean_path(raw_path) else {
         return not_found();
     };
     let mut response = match root {

@@ -155,7 +155,7 @@ pub(super) async fn open_session(
         Opened::Created => StatusCode::CREATED,
         Opened::Unchanged | Opened::Retargeted => StatusCode::OK,
     };
-    let info = session.info(&url_host(&state, &headers), state.registry.url_style());
+    let info = session.info(&url_host(&state, &headers), &state.registry.url_style());
     Ok((status, Json(info)).into_response())
 }
 
@@ -172,7 +172,7 @@ pub(super) async fn list_sessions(State(state): State<ApiState>, headers: Header
         .registry
         .list()
         .iter()
-        .map(|s| s.info(&host, state.registry.url_style()))
+        .map(|s| s.info(&host, &state.registry.url_style()))
         .collect();
     Json(serde_json::json!({ "sessions": sessions })).into_response()
 }
@@ -203,7 +203,7 @@ pub(super) async fn get_session(
         .registry
         .get(&vm_id)
         .ok_or(SessionError::NotFound(vm_id))?;
-    let info = session.info(&url_host(&state, &headers), state.registry.url_style());
+    let info = session.info(&url_host(&state, &headers), &state.registry.url_style());
     Ok(Json(info).into_response())
 }
 
@@ -279,7 +279,7 @@ pub(super) async fn rotate_token(
         .registry
         .run_to_end(|r| async move { r.rotate_token(&vm_id, request.disconnect).await })
         .await?;
-    let info = session.info(&url_host(&state, &headers), state.registry.url_style());
+    let info = session.info(&url_host(&state, &headers), &state.registry.url_style());
     Ok(Json(info).into_response())
 }
 

@@ -14,8 +14,13 @@ use crate::pool::PoolStats;
 /// `GET /v1/status`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Status {
+    /// The session ports' pool; all zero with `--session-ports off`.
     pub port_pool: PoolStatus,
     pub max_sessions: usize,
+    /// `on`, or `off`: no pool ports, sessions only on the public port.
+    pub session_ports: String,
+    /// The public port (`--public-listen`); null without one.
+    pub public_port: Option<u16>,
     pub active_sessions: usize,
     pub active_connections: usize,
     pub system_health: String,
@@ -109,7 +114,7 @@ pub(super) async fn status(State(state): State<ApiState>) -> Json<Status> {
     let (refused_max_connections, refused_max_pending) = state.limits.refused();
     // 80% of the cap: time to act before opens start failing.
     // The cap a config reload may have changed.
-    let max_sessions = state.registry.pool().cap();
+    let max_sessions = state.registry.max_sessions();
     if active_sessions * 5 >= max_sessions * 4 {
         warnings.push(format!(
             "{active_sessions} of {} sessions in use (80% or more of --max-sessions)",
@@ -117,8 +122,15 @@ pub(super) async fn status(State(state): State<ApiState>) -> Json<Status> {
         ));
     }
     Json(Status {
-        port_pool: state.registry.pool().stats().into(),
+        port_pool: state.registry.pool_stats().into(),
         max_sessions,
+        session_ports: if state.registry.session_ports() {
+            "on"
+        } else {
+            "off"
+        }
+        .into(),
+        public_port: state.public_port,
         active_sessions,
         active_connections: state.registry.connection_count(),
         system_health: if warnings.is_empty() {
@@ -177,7 +189,7 @@ pub(super) async fn status(State(state): State<ApiState>) -> Json<Status> {
 )]
 pub(super) async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let registry = &state.registry;
-    let pool = registry.pool().stats();
+    let pool = registry.pool_stats();
     let (closed_to_client, closed_to_server) = registry.metrics().closed_bytes();
     let (live_to_client, live_to_server) = registry.traffic_totals();
     let (to_client, to_server) = (

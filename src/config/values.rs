@@ -127,3 +127,34 @@ pub(super) fn warn_if_ephemeral_overlap(range: &RangeInclusive<u16>) {
         );
     }
 }
+
+/// `--public-base-url`: `http(s)://host[:port][/prefix]`, returned without a trailing `/`.
+/// No query, fragment or user info: the daemon appends `/s/{vm_id}/...` to it.
+pub(super) fn parse_base_url(v: &str) -> Result<String, ConfigError> {
+    let key = "--public-base-url";
+    let t = v.trim().trim_end_matches('/');
+    let Some((scheme, rest)) = t.split_once("://") else {
+        return Err(invalid(key, v, "expected http(s)://host[:port][/prefix]"));
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(invalid(key, v, "the scheme must be http or https"));
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        return Err(invalid(key, v, "the URL names no host"));
+    }
+    if crate::access::split_authority(authority).is_none() {
+        return Err(invalid(key, v, "the host and port are not valid"));
+    }
+    let bad = |c: char| {
+        c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '@' | '"' | '<' | '>' | '\\')
+    };
+    if rest.contains(bad) {
+        return Err(invalid(
+            key,
+            v,
+            "no query, fragment, user info, spaces or quotes: a base the daemon appends /s/{vm_id}/vnc.html to",
+        ));
+    }
+    Ok(t.to_owned())
+}

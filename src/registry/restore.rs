@@ -17,6 +17,8 @@ impl SessionRegistry {
     pub fn restore(&self, records: Vec<SessionRecord>) {
         let mut degraded = Vec::new();
         let mut homeless = Vec::new();
+        // Sessions that had a port and lost it to --session-ports off (their old URLs fail).
+        let mut unported = Vec::new();
         // First every session that can have its old port, so no moved session takes a port
         // another one is about to claim back.
         for r in records {
@@ -53,13 +55,32 @@ impl SessionRegistry {
                 idle_timeout: limit(&r.idle_timeout),
                 max_lifetime: limit(&r.max_lifetime),
             };
+            let choice = match (self.ctx.session_ports, r.ws_port) {
+                (false, old) => {
+                    if let Some(port) = old {
+                        unported.push(format!("{} (port {port})", r.vm_id));
+                    }
+                    PortChoice::None { capped: false }
+                }
+                (true, Some(port)) => PortChoice::Restore(port),
+                (true, None) => {
+                    let err = super::SessionError::Pool(crate::pool::PoolError::Bind {
+                        port: 0,
+                        source: std::io::Error::other(
+                            "it was written with --session-ports off and had no port",
+                        ),
+                    });
+                    homeless.push((r, target, token, created_at, limits, err));
+                    continue;
+                }
+            };
             match self.start_session(
                 &r.vm_id,
                 target.clone(),
                 token.clone(),
                 created_at,
                 limits,
-                PortChoice::Restore(r.ws_port),
+                choice,
             ) {
                 Ok(s) => {
                     self.watch_lifetime(&s);
@@ -74,7 +95,9 @@ impl SessionRegistry {
                     self.watch_lifetime(&s);
                     let why = format!(
                         "session {} moved from port {} to {} after restart ({first}); URLs with the old port no longer work",
-                        r.vm_id, r.ws_port, s.port
+                        r.vm_id,
+                        port_text(r.ws_port),
+                        port_text(s.port)
                     );
                     warn!(vm_id = %r.vm_id, port = s.port, old_port = r.ws_port, "{why}");
                     degraded.push(why);
@@ -82,22 +105,44 @@ impl SessionRegistry {
                 Err(second) => {
                     let why = format!(
                         "session {} (port {}) dropped at restart ({first}); no other port: {second}",
-                        r.vm_id, r.ws_port
+                        r.vm_id,
+                        port_text(r.ws_port)
                     );
                     warn!(vm_id = %r.vm_id, old_port = r.ws_port, "{why}");
                     degraded.push(why);
                 }
             }
         }
-        if self.len() > self.pool.cap() {
+        if !unported.is_empty() {
+            // A few names, not ten thousand: the log line and the status warning stay short.
+            let named = unported.len().min(5);
+            let more = if unported.len() > named {
+                format!(" and {} more", unported.len() - named)
+            } else {
+                String::new()
+            };
+            let why = format!(
+                "{} sessions had session ports and are now served on the public port only (--session-ports off); URLs with their old ports no longer work: {}{more}",
+                unported.len(),
+                unported[..named].join(", ")
+            );
+            warn!("{why}");
+            degraded.push(why);
+        }
+        if self.len() > self.max_sessions() {
             let why = format!(
                 "{} sessions were restored but --max-sessions is {}: all are kept, new opens fail until enough close",
                 self.len(),
-                self.pool.cap()
+                self.max_sessions()
             );
             warn!("{why}");
             degraded.push(why);
         }
         lock(&self.degraded).extend(degraded);
     }
+}
+
+/// A record's port for messages: `none` for a session without one.
+fn port_text(port: Option<u16>) -> String {
+    port.map_or_else(|| "none".to_owned(), |p| p.to_string())
 }

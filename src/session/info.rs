@@ -10,7 +10,7 @@ use crate::target::Target;
 
 impl Session {
     /// A snapshot for the API. `host` is what console URLs name.
-    pub fn info(&self, host: &str, style: UrlStyle) -> SessionInfo {
+    pub fn info(&self, host: &str, style: &UrlStyle) -> SessionInfo {
         let viewers: Vec<ViewerInfo> = {
             let live = lock(&self.viewers);
             let mut v: Vec<ViewerInfo> = live
@@ -28,27 +28,54 @@ impl Session {
         };
         let (bytes_to_client, bytes_to_server) = self.traffic_totals();
         let token = self.token();
-        let authority = format!("{host}:{}", self.port);
         let (http, ws) = if style.tls {
             ("https", "wss")
         } else {
             ("http", "ws")
         };
+        let public = style.public.as_ref().map(|base| {
+            let page_base = match base {
+                PublicBase::Port(port) => format!("{http}://{host}:{port}"),
+                PublicBase::Url(url) => url.to_string(),
+            };
+            let prefix = format!("s/{}/", self.vm_id);
+            // noVNC's `path` is taken from the host's root, so it carries the base's own path.
+            let path_prefix = match base {
+                PublicBase::Port(_) => prefix.clone(),
+                PublicBase::Url(url) => format!("{}{prefix}", url_path_prefix(url)),
+            };
+            (
+                page_url(
+                    &format!("{page_base}/{prefix}"),
+                    &path_prefix,
+                    &token.value,
+                    style,
+                ),
+                format!(
+                    "{}/{prefix}websockify?token={}",
+                    ws_base(&page_base),
+                    token.value
+                ),
+            )
+        });
+        let own = self.port.map(|port| {
+            let authority = format!("{host}:{port}");
+            (
+                page_url(&format!("{http}://{authority}/"), "", &token.value, style),
+                format!("{ws}://{authority}/websockify?token={}", token.value),
+            )
+        });
+        // Without a port of its own (--session-ports off) a session's URLs are the public ones.
+        let (url, ws_url) = own.or_else(|| public.clone()).unwrap_or_default();
+        let (public_url, public_ws_url) = public.unzip();
         SessionInfo {
             vm_id: self.vm_id.clone(),
             target: self.target(),
             ws_port: self.port,
-            url: if style.bundled_page {
-                // The fragment never reaches a server or proxy log.
-                format!("{http}://{authority}/vnc.html#token={}", token.value)
-            } else {
-                // Another app (Debian's noVNC) reads the WebSocket path from the query.
-                format!(
-                    "{http}://{authority}/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D{}",
-                    token.value
-                )
-            },
-            ws_url: format!("{ws}://{authority}/websockify?token={}", token.value),
+            url,
+            ws_url,
+            public_url,
+            public_ws_url,
             token_expires_at: token.expires_at.map(rfc3339),
             token: token.value,
             created_at: rfc3339(self.created_at),
@@ -63,13 +90,57 @@ impl Session {
     }
 }
 
+/// The console page's URL under `base` (ending in `/`): the token in the fragment for the
+/// bundled page (a fragment never reaches a server or proxy log); for another app (`--web`,
+/// Debian's noVNC) the WebSocket path in the query, `path_prefix` (from the host's root)
+/// before `websockify`.
+fn page_url(base: &str, path_prefix: &str, token: &str, style: &UrlStyle) -> String {
+    if style.bundled_page {
+        format!("{base}vnc.html#token={token}")
+    } else {
+        format!("{base}vnc.html?autoconnect=1&path={path_prefix}websockify%3Ftoken%3D{token}")
+    }
+}
+
+/// `http(s)://...` as `ws(s)://...`.
+fn ws_base(page_base: &str) -> String {
+    if let Some(rest) = page_base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = page_base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        page_base.to_owned()
+    }
+}
+
+/// The path of a base URL without its leading `/`, ending in `/` when not empty:
+/// `https://h/consoles` -> `consoles/`.
+fn url_path_prefix(url: &str) -> String {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    match after_scheme.split_once('/') {
+        Some((_, path)) if !path.is_empty() => format!("{}/", path.trim_end_matches('/')),
+        _ => String::new(),
+    }
+}
+
 /// How console URLs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlStyle {
     /// The bundled page reads the token from `#token=`; another app (`--web`) from `path`.
     pub bundled_page: bool,
-    /// Session ports speak TLS: `https`/`wss`.
+    /// Session ports (and the public port) speak TLS: `https`/`wss`.
     pub tls: bool,
+    /// Where `public_url`/`public_ws_url` point (`--public-listen`); `None`: no public port.
+    pub public: Option<PublicBase>,
+}
+
+/// The root of the public port's URLs (DESIGN.md "Single public port").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicBase {
+    /// The public port itself, on the host console URLs name.
+    Port(u16),
+    /// `--public-base-url` (a reverse proxy in front), without a trailing `/`.
+    Url(std::sync::Arc<str>),
 }
 
 /// The Session object of the API.
@@ -79,9 +150,17 @@ pub struct SessionInfo {
     /// `host:port`, `[v6]:port` or `unix:/path`.
     #[schema(value_type = String, example = "127.0.0.1:5901")]
     pub target: Target,
-    pub ws_port: u16,
+    /// The session's pool port; null with `--session-ports off`.
+    pub ws_port: Option<u16>,
+    /// The console page with the token (the public one with `--session-ports off`).
     pub url: String,
+    /// The WebSocket URL for non-browser clients.
     pub ws_url: String,
+    /// The console page on the public port (`--public-listen`), `/s/{vm_id}/vnc.html#token=T`;
+    /// null without one.
+    pub public_url: Option<String>,
+    /// The WebSocket URL on the public port, `/s/{vm_id}/websockify?token=T`; null without one.
+    pub public_ws_url: Option<String>,
     pub token: String,
     /// When the token stops admitting new connections (RFC 3339); null without `--token-ttl`.
     pub token_expires_at: Option<String>,
@@ -108,4 +187,22 @@ pub struct ViewerInfo {
     pub started_at: String,
     pub bytes_to_client: u64,
     pub bytes_to_server: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_paths() {
+        assert_eq!(url_path_prefix("https://h.example"), "");
+        assert_eq!(url_path_prefix("https://h.example/"), "");
+        assert_eq!(
+            url_path_prefix("https://h.example:8443/consoles"),
+            "consoles/"
+        );
+        assert_eq!(url_path_prefix("http://h/a/b/"), "a/b/");
+        assert_eq!(ws_base("https://h/x"), "wss://h/x");
+        assert_eq!(ws_base("http://h:1"), "ws://h:1");
+    }
 }

@@ -52,6 +52,24 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     }
 }
 
+/// Polls the async `cond` until it holds or `limit` passes; returns whether it held.
+#[allow(dead_code)]
+pub async fn wait_until_async<F: Future<Output = bool>>(
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A block of 1000 ports below the ephemeral range, held through a lock file so parallel tests
 /// and test processes never share one.
 pub struct PortBlock {
@@ -74,13 +92,19 @@ impl PortBlock {
     }
 
     pub fn range(&self, len: u16) -> RangeInclusive<u16> {
-        assert!(len <= 999);
+        assert!(len <= 998);
         self.first..=self.first + len - 1
     }
 
     /// The block's last port, kept out of every range: for an API port of a daemon process.
     pub fn spare(&self) -> u16 {
         self.first + 999
+    }
+
+    /// The block's next-to-last port, kept out of every range: a daemon process's public
+    /// port (`PUBLIC` in its extra flags).
+    pub fn public(&self) -> u16 {
+        self.first + 998
     }
 }
 
@@ -498,7 +522,12 @@ impl DaemonProcess {
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, block.spare()));
         let range = block.range(ports);
         let state = StateDir::new();
-        let args = Self::args(api, &range, &state, extra);
+        let public = format!("127.0.0.1:{}", block.public());
+        let extra: Vec<&str> = extra
+            .iter()
+            .map(|a| if *a == "PUBLIC" { public.as_str() } else { a })
+            .collect();
+        let args = Self::args(api, &range, &state, &extra);
         let child = Self::spawn_child(&args, log);
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
