@@ -3,93 +3,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use common::rfb::{Screen, Transport, diff, match_ratio, read_screen};
+use common::browser::{assert_matches, drive, out_dir, tools_present};
+use common::rfb::{Screen, Transport, diff, read_screen};
 use common::tls::TestCa;
 use common::vnc::{Qemu, Scratch, TERM_BG_RGB, Xvnc, require, settled_screen};
 use common::{DaemonProcess, bounded};
-use serde_json::{Value, json};
-
-const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
-
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(MANIFEST).join("tests/e2e")
-}
-
-/// Screenshots and canvas dumps stay here after the run (target/tmp/e2e).
-fn out_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
-    std::fs::create_dir_all(&dir).expect("screenshot dir");
-    dir
-}
-
-fn tools_present(extra: &[&str]) -> bool {
-    let playwright = e2e_dir().join("node_modules/playwright-core/package.json");
-    let novnc = PathBuf::from(MANIFEST).join("static/node_modules/@novnc/novnc/core/rfb.js");
-    let mut tools = vec![
-        "/usr/bin/chromium",
-        "node",
-        playwright.to_str().unwrap_or(""),
-        novnc.to_str().unwrap_or(""),
-    ];
-    tools.extend_from_slice(extra);
-    require(&tools)
-}
-
-/// Runs the Chromium driver (bounded, killed on drop) and returns its JSON result.
-async fn drive(spec: Value) -> Value {
-    let mut child = tokio::process::Command::new("node")
-        .arg(e2e_dir().join("console.mjs"))
-        .arg(spec.to_string())
-        .current_dir(e2e_dir())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start node");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut out = String::new();
-    let read = async {
-        use tokio::io::AsyncReadExt;
-        stdout
-            .read_to_string(&mut out)
-            .await
-            .expect("driver output");
-        child.wait().await.expect("driver exit")
-    };
-    let status = tokio::time::timeout(Duration::from_secs(120), read)
-        .await
-        .expect("the browser driver finished in 120 s");
-    assert!(status.success(), "driver failed: {status}: {out}");
-    let line = out.lines().last().unwrap_or_default();
-    let result: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("driver said: {out}"));
-    assert_eq!(result["errors"], json!([]), "page errors: {result}");
-    assert_eq!(
-        result["external"],
-        json!([]),
-        "requests outside the daemon: {result}"
-    );
-    result
-}
-
-fn canvas(name: &str, when: &str) -> Vec<u8> {
-    let path = out_dir().join(format!("{name}-{when}.rgba"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn assert_matches(name: &str, when: &str, screen: &Screen) {
-    let ratio = match_ratio(&canvas(name, when), screen);
-    eprintln!(
-        "{name} {when}: {:.3}% of canvas pixels equal the direct RFB read",
-        ratio * 100.0
-    );
-    assert!(
-        ratio >= 0.99,
-        "{name} {when}: only {:.2}% of pixels match",
-        ratio * 100.0
-    );
-}
+use serde_json::json;
 
 /// Bounding box of the typing xterm, found by its unique background colour.
 fn term_box(s: &Screen) -> (usize, usize, usize, usize) {
@@ -106,7 +27,19 @@ fn term_box(s: &Screen) -> (usize, usize, usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xvnc_console_in_chromium_shows_the_screen_and_takes_keys() {
-    xvnc_console("xvnc", None).await;
+    xvnc_console("xvnc", None, &[]).await;
+}
+
+/// The same console through the public port alone (`--session-ports off`): the page and its
+/// WebSocket under `/s/{vm_id}/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xvnc_console_through_the_public_port_in_chromium() {
+    xvnc_console(
+        "xvnc-public",
+        None,
+        &["--public-listen", "PUBLIC", "--session-ports", "off"],
+    )
+    .await;
 }
 
 /// The same console over https/wss: Chromium trusts the test CA's leaf by its SPKI hash only.
@@ -122,12 +55,13 @@ async fn xvnc_console_over_https_and_wss_in_chromium() {
         "--key".to_string(),
         key.display().to_string(),
     ];
-    xvnc_console("xvnc-tls", Some((args, leaf.spki_sha256_b64.clone()))).await;
+    xvnc_console("xvnc-tls", Some((args, leaf.spki_sha256_b64.clone())), &[]).await;
 }
 
-/// Xvnc with an xterm behind the daemon (with `tls`: its flags and the leaf's SPKI hash); the
-/// page shows the screen and typing reaches the xterm.
-async fn xvnc_console(name: &str, tls: Option<(Vec<String>, String)>) {
+/// Xvnc with an xterm behind the daemon (with `tls`: its flags and the leaf's SPKI hash; then
+/// `extra` flags); the page of the session's `url` shows the screen and typing reaches the
+/// xterm.
+async fn xvnc_console(name: &str, tls: Option<(Vec<String>, String)>, extra: &[&str]) {
     if !tools_present(&["Xvnc", "xterm", "xsetroot"]) {
         return;
     }
@@ -136,16 +70,20 @@ async fn xvnc_console(name: &str, tls: Option<(Vec<String>, String)>) {
         let desktop_name = "e2e <b>desk</b> & co";
         let mut xvnc = Xvnc::start(&scratch.0, desktop_name).await;
         let before = xvnc.draw_desktop().await;
-        let flags: Vec<&str> = tls
+        let mut flags: Vec<&str> = tls
             .as_ref()
             .map(|(a, _)| a.iter().map(String::as_str).collect())
             .unwrap_or_default();
+        flags.extend_from_slice(extra);
         let daemon = DaemonProcess::spawn(4, &flags).await;
         let session = daemon
             .open_ok("vm-xvnc", &format!("unix:{}", xvnc.socket.display()))
             .await;
         let url = session["url"].as_str().expect("url");
         assert!(url.contains("/vnc.html#token="), "{url}");
+        if extra.contains(&"--public-listen") {
+            assert!(url.contains("/s/vm-xvnc/vnc.html#token="), "{url}");
+        }
         let scheme = if tls.is_some() { "https://" } else { "http://" };
         assert!(url.starts_with(scheme), "{url}");
         let spki: Vec<String> = tls.iter().map(|(_, h)| h.clone()).collect();
@@ -231,28 +169,50 @@ async fn qemu_seabios_console_in_chromium_shows_the_screen_and_takes_esc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debians_novnc_app_connects_through_web_dir() {
+    novnc_app("novnc-app", "url", "path=websockify%3Ftoken%3D").await;
+}
+
+/// Debian's noVNC app under the public port's `/s/{vm_id}/` prefix (beside a session port):
+/// its `path` parameter carries the prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debians_novnc_app_connects_through_the_public_port() {
+    novnc_app(
+        "novnc-app-public",
+        "public_url",
+        "path=s/vm-web/websockify%3Ftoken%3D",
+    )
+    .await;
+}
+
+/// Debian's noVNC app (`--web /usr/share/novnc`) opened at the session's `field` URL, which
+/// must contain `path`, shows the screen.
+async fn novnc_app(name: &str, field: &str, path: &str) {
     if !tools_present(&["Xvnc", "xterm", "xsetroot", "/usr/share/novnc/vnc.html"]) {
         return;
     }
     bounded(Duration::from_secs(240), async {
-        let scratch = Scratch::new("e2e-web");
+        let scratch = Scratch::new(&format!("e2e-{name}"));
         let mut xvnc = Xvnc::start(&scratch.0, "e2e web").await;
         let screen = xvnc.draw_desktop().await;
-        let daemon = DaemonProcess::spawn(2, &["--web", "/usr/share/novnc"]).await;
+        let daemon = DaemonProcess::spawn(
+            2,
+            &["--web", "/usr/share/novnc", "--public-listen", "PUBLIC"],
+        )
+        .await;
         let session = daemon
             .open_ok("vm-web", &format!("unix:{}", xvnc.socket.display()))
             .await;
-        let url = session["url"].as_str().expect("url");
+        let url = session[field].as_str().expect("url");
         assert!(
-            url.contains("/vnc.html?autoconnect=1&path=websockify%3Ftoken%3D"),
+            url.contains(&format!("/vnc.html?autoconnect=1&{path}")),
             "{url}"
         );
         drive(json!({
-            "url": url, "outDir": out_dir(), "name": "novnc-app",
+            "url": url, "outDir": out_dir(), "name": name,
             "width": screen.width, "height": screen.height, "app": "novnc", "action": null,
         }))
         .await;
-        assert_matches("novnc-app", "before", &screen);
+        assert_matches(name, "before", &screen);
     })
     .await;
 }

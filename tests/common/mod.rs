@@ -694,6 +694,7 @@ pub fn fd_list(pid: u32) -> String {
         .join(" ")
 }
 
+pub mod browser;
 pub mod raw;
 pub mod rfb;
 pub mod tls;
