@@ -13,7 +13,14 @@
 //! each state commit's duration and batch size), `VNCGATE_BENCH_RTT_ONLY=1` (round trips only,
 //! relay against vncgate), `VNCGATE_BENCH_NO_TLS=1` (skip the TLS rows),
 //! `VNCGATE_BENCH_BASELINE_EXE=path` (another vncgate build measured beside this one in the same
-//! run, rows `vncgate-baseline`: the A/B of a change).
+//! run, rows `vncgate-baseline`: the A/B of a change), `VNCGATE_BENCH_NO_PUBLIC=1` (skip the
+//! public-port rows).
+//!
+//! Rows `vncgate-public`: a third daemon with `--public-listen --session-ports off`, every
+//! viewer through its one public port (`/s/{vm_id}/websockify`), at every N including 5000
+//! (past the pool's 800, where the session-port rows stop). The load generator spreads its
+//! connections over the source addresses 127.0.0.1-127.0.0.16, so repeated rounds of 5000
+//! connections do not run out of ephemeral ports on one address pair.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -46,6 +53,14 @@ const TLS_POOL_FIRST: u16 = 24_000;
 const TLS_API_PORT: u16 = 24_990;
 const BASELINE_POOL_FIRST: u16 = 25_000;
 const BASELINE_API_PORT: u16 = 25_990;
+/// The public-port daemon's API and public port (its pool range is never bound).
+const PUBLIC_POOL_FIRST: u16 = 26_000;
+const PUBLIC_API_PORT: u16 = 26_990;
+const PUBLIC_PORT: u16 = 26_980;
+/// The session-port daemon's cap: sizes above it are measured on the public port only.
+const POOL_SESSIONS: usize = 800;
+/// Loopback source addresses the load generator's connections are spread over.
+const SOURCE_ADDRESSES: u32 = 16;
 
 fn main() {
     let role = std::env::var("VNCGATE_BENCH_ROLE").unwrap_or_default();
@@ -266,7 +281,17 @@ async fn connect_client(url: &str, tls: &tokio_rustls::TlsConnector) -> Result<C
     };
     let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
     let started = Instant::now();
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(authority))
+    let to: SocketAddr = authority.parse().map_err(|e| format!("{authority}: {e}"))?;
+    // 127.0.0.1..=127.0.0.16 in turn: each (source, destination) pair has its own ephemeral
+    // ports, so thousands of connections a round, round after round, never run short.
+    static NEXT_SOURCE: AtomicU64 = AtomicU64::new(0);
+    let k = (NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % u64::from(SOURCE_ADDRESSES)) as u32;
+    let source = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::LOCALHOST) + k);
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), socket.connect(to))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
@@ -928,18 +953,19 @@ fn close_on(port: u16, n: usize) {
 }
 
 /// Starts `vncgate serve` from `exe` with its API on `api_port`, its pool at `pool_first` (900
-/// ports, 800 sessions), its state in `state_dir`, and `extra` flags; waits for its API.
+/// ports), at most `max_sessions` sessions, its state in `state_dir`, and `extra` flags; waits
+/// for its API.
 fn spawn_daemon(
     exe: &str,
-    api_port: u16,
-    pool_first: u16,
+    (api_port, pool_first, max_sessions): (u16, u16, usize),
     state_dir: &std::path::Path,
     extra: &[String],
 ) -> Child {
     let _ = std::fs::create_dir_all(state_dir);
     let child = Command::new(exe)
         .args(["serve", "--api-listen", &format!("127.0.0.1:{api_port}")])
-        .args(["--listen-host", "127.0.0.1", "--max-sessions", "800"])
+        .args(["--listen-host", "127.0.0.1", "--max-sessions"])
+        .arg(max_sessions.to_string())
         .args([
             "--port-range",
             &format!("{pool_first}-{}", pool_first + 899),
@@ -1186,7 +1212,7 @@ fn orchestrate() {
     let sizes: Vec<usize> = std::env::var("VNCGATE_BENCH_N")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 100, 800]);
+        .unwrap_or_else(|| vec![1, 100, 800, 5000]);
     let opens_only = std::env::var_os("VNCGATE_BENCH_OPENS_ONLY").is_some();
     let rounds: usize = std::env::var("VNCGATE_BENCH_ROUNDS")
         .ok()
@@ -1236,7 +1262,23 @@ fn orchestrate() {
         .collect();
     let tls_relay_pid = tls_relay.child.id();
 
-    let mut daemon = spawn_daemon(exe, API_PORT, POOL_FIRST, &state_dir, &[]);
+    let mut daemon = spawn_daemon(exe, (API_PORT, POOL_FIRST, POOL_SESSIONS), &state_dir, &[]);
+    let mut public_daemon = std::env::var_os("VNCGATE_BENCH_NO_PUBLIC")
+        .is_none()
+        .then(|| {
+            let extra = [
+                "--public-listen".to_string(),
+                format!("127.0.0.1:{PUBLIC_PORT}"),
+                "--session-ports".into(),
+                "off".into(),
+            ];
+            spawn_daemon(
+                exe,
+                (PUBLIC_API_PORT, PUBLIC_POOL_FIRST, 10_000),
+                &state_dir.join("public"),
+                &extra,
+            )
+        });
     // vncgate with TLS on its session ports, and (for an A/B) another build, each its own
     // daemon with its own pool; idle while the others are measured.
     let mut tls_daemon = (!no_tls).then(|| {
@@ -1248,8 +1290,7 @@ fn orchestrate() {
         ];
         spawn_daemon(
             exe,
-            TLS_API_PORT,
-            TLS_POOL_FIRST,
+            (TLS_API_PORT, TLS_POOL_FIRST, POOL_SESSIONS),
             &state_dir.join("tls"),
             &extra,
         )
@@ -1258,8 +1299,7 @@ fn orchestrate() {
     let mut baseline_daemon = baseline_exe.as_deref().map(|b| {
         spawn_daemon(
             b,
-            BASELINE_API_PORT,
-            BASELINE_POOL_FIRST,
+            (BASELINE_API_PORT, BASELINE_POOL_FIRST, POOL_SESSIONS),
             &state_dir.join("baseline"),
             &[],
         )
@@ -1283,117 +1323,117 @@ fn orchestrate() {
     for &n in &sizes {
         eprintln!("== N = {n}");
         let mut row = serde_json::Map::new();
-        // Opening: sequential, then 16 at once (the sessions of the second run stay).
-        let (seq_s, seq_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 1);
-        close_all(n);
-        let before = api("GET", "/v1/status", None).1;
-        let (par_s, par_lat) = opens_16(n, &format!("127.0.0.1:{stream_port}"));
-        let after = api("GET", "/v1/status", None).1;
-        let get_lat = get_sessions(n, 16);
-        // The daemon's own commits during those opens: their mean is the commit latency.
-        let total_ms = |v: &Value| {
-            v["state"]["mean_write_ms"].as_f64().unwrap_or(0.0)
-                * v["state"]["writes"].as_f64().unwrap_or(0.0)
-        };
-        let writes = after["state"]["writes"].as_f64().unwrap_or(0.0)
-            - before["state"]["writes"].as_f64().unwrap_or(0.0);
-        let commit_ms = if writes > 0.0 {
-            (total_ms(&after) - total_ms(&before)) / writes
-        } else {
-            f64::NAN
-        };
-        let state_bytes = std::fs::metadata(state_dir.join("state.json"))
-            .map(|m| m.len() as usize)
-            .unwrap_or(0)
-            .max(64);
-        // The same atomic write made by the bench itself, for comparison.
-        let disk_commit_ms = commit_latency_ms(&state_dir, state_bytes);
-        row.insert("open".into(), json!({
-            "sequential_s": seq_s, "parallel16_s": par_s,
-            "p50_ms": percentile(&par_lat, 0.5), "p99_ms": percentile(&par_lat, 0.99),
-            "sequential_p50_ms": percentile(&seq_lat, 0.5), "sequential_p99_ms": percentile(&seq_lat, 0.99),
-            "commit_ms": commit_ms, "state_writes": writes, "disk_commit_probe_ms": disk_commit_ms,
-            "get16_p50_ms": percentile(&get_lat, 0.5), "get16_p99_ms": percentile(&get_lat, 0.99),
-        }));
-        if opens_only {
-            // Development aid: just the open figures, a few rounds, nothing written.
-            eprintln!("  opens: {}", row["open"]);
+        // Past the pool's cap, only the public port serves (and the direct and relay rows).
+        let pooled = n <= POOL_SESSIONS;
+        if pooled {
+            // Opening: sequential, then 16 at once (the sessions of the second run stay).
+            let (seq_s, seq_lat) = open_sessions(n, &format!("127.0.0.1:{stream_port}"), 1);
             close_all(n);
-            for round in 1..3 {
-                let before = api("GET", "/v1/status", None).1;
-                let (cpu0, mine0) = (cpu_seconds(&[daemon_pid]), own_cpu_seconds());
-                let (par_s, par_lat) = opens_16(n, &format!("127.0.0.1:{stream_port}"));
-                let cpu = cpu_seconds(&[daemon_pid]) - cpu0;
-                let mine = own_cpu_seconds() - mine0;
-                let after = api("GET", "/v1/status", None).1;
-                let writes = after["state"]["writes"].as_f64().unwrap_or(0.0)
-                    - before["state"]["writes"].as_f64().unwrap_or(0.0);
-                let commit_ms = (total_ms(&after) - total_ms(&before)) / writes;
-                eprintln!(
-                    "  round {round}: {par_s:.3} s, p50 {:.2} p99 {:.2} ms, commit {commit_ms:.2} ms, {writes} writes, CPU per open: daemon {:.0} us, the 16 client threads {:.0} us",
-                    percentile(&par_lat, 0.5),
-                    percentile(&par_lat, 0.99),
-                    cpu * 1e6 / n as f64,
-                    mine * 1e6 / n as f64
-                );
+            let before = api("GET", "/v1/status", None).1;
+            let (par_s, par_lat) = opens_16(n, &format!("127.0.0.1:{stream_port}"));
+            let after = api("GET", "/v1/status", None).1;
+            let get_lat = get_sessions(n, 16);
+            // The daemon's own commits during those opens: their mean is the commit latency.
+            let total_ms = |v: &Value| {
+                v["state"]["mean_write_ms"].as_f64().unwrap_or(0.0)
+                    * v["state"]["writes"].as_f64().unwrap_or(0.0)
+            };
+            let writes = after["state"]["writes"].as_f64().unwrap_or(0.0)
+                - before["state"]["writes"].as_f64().unwrap_or(0.0);
+            let commit_ms = if writes > 0.0 {
+                (total_ms(&after) - total_ms(&before)) / writes
+            } else {
+                f64::NAN
+            };
+            let state_bytes = std::fs::metadata(state_dir.join("state.json"))
+                .map(|m| m.len() as usize)
+                .unwrap_or(0)
+                .max(64);
+            // The same atomic write made by the bench itself, for comparison.
+            let disk_commit_ms = commit_latency_ms(&state_dir, state_bytes);
+            row.insert("open".into(), json!({
+                "sequential_s": seq_s, "parallel16_s": par_s,
+                "p50_ms": percentile(&par_lat, 0.5), "p99_ms": percentile(&par_lat, 0.99),
+                "sequential_p50_ms": percentile(&seq_lat, 0.5), "sequential_p99_ms": percentile(&seq_lat, 0.99),
+                "commit_ms": commit_ms, "state_writes": writes, "disk_commit_probe_ms": disk_commit_ms,
+                "get16_p50_ms": percentile(&get_lat, 0.5), "get16_p99_ms": percentile(&get_lat, 0.99),
+            }));
+            if opens_only {
+                // Development aid: just the open figures, a few rounds, nothing written.
+                eprintln!("  opens: {}", row["open"]);
                 close_all(n);
-            }
-            continue;
-        }
-        if std::env::var_os("VNCGATE_BENCH_RTT_ONLY").is_some() {
-            // Development aid: round trips only (echo target, no streaming phase), relay and
-            // vncgate alternating, each round on fresh connections.
-            retarget_all(n, &format!("127.0.0.1:{echo_port}"));
-            let (_, list) = api("GET", "/v1/sessions", None);
-            let urls: Vec<String> = list["sessions"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s["ws_url"].as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let relay_urls = vec![format!("tcp://127.0.0.1:{}", rports[1]); n];
-            for round in 0..rounds {
-                let mut order = [
-                    ("tcp-relay", &relay_urls, relay_pid),
-                    ("vncgate", &urls, daemon_pid),
-                ];
-                if round % 2 == 1 {
-                    order.reverse();
-                }
-                for (name, urls, pid) in order {
-                    let c = load.call(json!({"cmd": "connect", "urls": urls}));
-                    let cpu0 = cpu_seconds(&[pid]);
-                    let r = load.call(json!({"cmd": "rtt"}));
-                    let cpu = cpu_seconds(&[pid]) - cpu0;
-                    load.call(json!({"cmd": "disconnect"}));
+                for round in 1..3 {
+                    let before = api("GET", "/v1/status", None).1;
+                    let (cpu0, mine0) = (cpu_seconds(&[daemon_pid]), own_cpu_seconds());
+                    let (par_s, par_lat) = opens_16(n, &format!("127.0.0.1:{stream_port}"));
+                    let cpu = cpu_seconds(&[daemon_pid]) - cpu0;
+                    let mine = own_cpu_seconds() - mine0;
+                    let after = api("GET", "/v1/status", None).1;
+                    let writes = after["state"]["writes"].as_f64().unwrap_or(0.0)
+                        - before["state"]["writes"].as_f64().unwrap_or(0.0);
+                    let commit_ms = (total_ms(&after) - total_ms(&before)) / writes;
                     eprintln!(
-                        "  round {round} {name:<10} connected {} rtt p50 {:.3} p90 {:.3} p99 {:.3} p999 {:.3} max {:.3} ms, {} samples, {} errors, proxy cpu {:.3} s",
-                        c["connected"],
-                        r["p50_ms"].as_f64().unwrap_or(f64::NAN),
-                        r["p90_ms"].as_f64().unwrap_or(f64::NAN),
-                        r["p99_ms"].as_f64().unwrap_or(f64::NAN),
-                        r["p999_ms"].as_f64().unwrap_or(f64::NAN),
-                        r["max_ms"].as_f64().unwrap_or(f64::NAN),
-                        r["samples"],
-                        r["errors"],
-                        cpu
+                        "  round {round}: {par_s:.3} s, p50 {:.2} p99 {:.2} ms, commit {commit_ms:.2} ms, {writes} writes, CPU per open: daemon {:.0} us, the 16 client threads {:.0} us",
+                        percentile(&par_lat, 0.5),
+                        percentile(&par_lat, 0.99),
+                        cpu * 1e6 / n as f64,
+                        mine * 1e6 / n as f64
                     );
+                    close_all(n);
                 }
+                continue;
             }
-            close_all(n);
-            continue;
+            if std::env::var_os("VNCGATE_BENCH_RTT_ONLY").is_some() {
+                // Development aid: round trips only (echo target, no streaming phase), relay and
+                // vncgate alternating, each round on fresh connections.
+                retarget_all(n, &format!("127.0.0.1:{echo_port}"));
+                let (_, list) = api("GET", "/v1/sessions", None);
+                let urls: Vec<String> = list["sessions"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s["ws_url"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let relay_urls = vec![format!("tcp://127.0.0.1:{}", rports[1]); n];
+                for round in 0..rounds {
+                    let mut order = [
+                        ("tcp-relay", &relay_urls, relay_pid),
+                        ("vncgate", &urls, daemon_pid),
+                    ];
+                    if round % 2 == 1 {
+                        order.reverse();
+                    }
+                    for (name, urls, pid) in order {
+                        let c = load.call(json!({"cmd": "connect", "urls": urls}));
+                        let cpu0 = cpu_seconds(&[pid]);
+                        let r = load.call(json!({"cmd": "rtt"}));
+                        let cpu = cpu_seconds(&[pid]) - cpu0;
+                        load.call(json!({"cmd": "disconnect"}));
+                        eprintln!(
+                            "  round {round} {name:<10} connected {} rtt p50 {:.3} p90 {:.3} p99 {:.3} p999 {:.3} max {:.3} ms, {} samples, {} errors, proxy cpu {:.3} s",
+                            c["connected"],
+                            r["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                            r["p90_ms"].as_f64().unwrap_or(f64::NAN),
+                            r["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                            r["p999_ms"].as_f64().unwrap_or(f64::NAN),
+                            r["max_ms"].as_f64().unwrap_or(f64::NAN),
+                            r["samples"],
+                            r["errors"],
+                            cpu
+                        );
+                    }
+                }
+                close_all(n);
+                continue;
+            }
         }
-        let (_, list) = api("GET", "/v1/sessions", None);
-        let ws_urls: Vec<String> = list["sessions"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s["ws_url"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ws_urls: Vec<String> = if pooled {
+            ws_urls_on(API_PORT)
+        } else {
+            Vec::new()
+        };
 
         let mut proxies = vec![
             Proxy {
@@ -1414,7 +1454,9 @@ fn orchestrate() {
                 api_port: API_PORT,
                 children: vec![],
             },
-            Proxy {
+        ];
+        if pooled {
+            proxies.push(Proxy {
                 name: "vncgate",
                 stream_urls: ws_urls.clone(),
                 echo_urls: ws_urls.clone(),
@@ -1425,13 +1467,46 @@ fn orchestrate() {
                 )),
                 api_port: API_PORT,
                 children: vec![],
-            },
-        ];
+            });
+        }
         let targets = (
             format!("127.0.0.1:{stream_port}"),
             format!("127.0.0.1:{echo_port}"),
         );
-        if let Some(tls_daemon) = &tls_daemon {
+        if let Some(public) = &public_daemon {
+            // The opens of --session-ports off, 16 at once: no bind, one state commit each
+            // (group-committed).
+            let (open_s, open_lat) = timed_calls(n, 16, |i| {
+                let (status, v) = api_on(
+                    PUBLIC_API_PORT,
+                    "POST",
+                    "/v1/sessions",
+                    Some(&json!({"vm_id": format!("vm-{i}"), "target": targets.0})),
+                );
+                assert!(status == 201 || status == 200, "open vm-{i}: {status} {v}");
+            });
+            eprintln!(
+                "  public port: {n} opens, 16 at once, in {open_s:.3} s (p50 {:.2} ms, p99 {:.2} ms)",
+                percentile(&open_lat, 0.5),
+                percentile(&open_lat, 0.99)
+            );
+            row.insert(
+                "open_public".into(),
+                json!({"parallel16_s": open_s, "p50_ms": percentile(&open_lat, 0.5), "p99_ms": percentile(&open_lat, 0.99)}),
+            );
+            let urls = ws_urls_on(PUBLIC_API_PORT);
+            assert_eq!(urls.len(), n, "every public session listed");
+            proxies.push(Proxy {
+                name: "vncgate-public",
+                stream_urls: urls.clone(),
+                echo_urls: urls,
+                pids: vec![public.id()],
+                retarget: Some(targets.clone()),
+                api_port: PUBLIC_API_PORT,
+                children: vec![],
+            });
+        }
+        if let Some(tls_daemon) = tls_daemon.as_ref().filter(|_| pooled) {
             open_on(TLS_API_PORT, n, &targets.0);
             let urls = ws_urls_on(TLS_API_PORT);
             proxies.push(Proxy {
@@ -1453,7 +1528,7 @@ fn orchestrate() {
                 children: vec![],
             });
         }
-        if let Some(baseline) = &baseline_daemon {
+        if let Some(baseline) = baseline_daemon.as_ref().filter(|_| pooled) {
             open_on(BASELINE_API_PORT, n, &targets.0);
             let urls = ws_urls_on(BASELINE_API_PORT);
             proxies.push(Proxy {
@@ -1467,7 +1542,7 @@ fn orchestrate() {
             });
         }
         let mut wsf_setup = serde_json::Map::new();
-        if let Some(py) = &python {
+        if let Some(py) = python.as_ref().filter(|_| pooled) {
             if n <= 100 {
                 let started = Instant::now();
                 let mut children = Vec::new();
@@ -1703,12 +1778,17 @@ fn orchestrate() {
         row.insert("proxies".into(), Value::Object(proxies_json));
         row.insert("setup".into(), Value::Object(wsf_setup));
         results.insert(format!("{n}"), Value::Object(row));
-        close_all(n);
-        if tls_daemon.is_some() {
-            close_on(TLS_API_PORT, n);
+        if pooled {
+            close_all(n);
+            if tls_daemon.is_some() {
+                close_on(TLS_API_PORT, n);
+            }
+            if baseline_daemon.is_some() {
+                close_on(BASELINE_API_PORT, n);
+            }
         }
-        if baseline_daemon.is_some() {
-            close_on(BASELINE_API_PORT, n);
+        if public_daemon.is_some() {
+            close_on(PUBLIC_API_PORT, n);
         }
         drop(proxies);
     }
@@ -1716,6 +1796,7 @@ fn orchestrate() {
         Some(&mut daemon),
         tls_daemon.as_mut(),
         baseline_daemon.as_mut(),
+        public_daemon.as_mut(),
     ]
     .into_iter()
     .flatten()
@@ -1792,6 +1873,7 @@ fn render_table(doc: &Value) -> String {
                 "direct",
                 "tcp-relay",
                 "vncgate",
+                "vncgate-public",
                 "vncgate-baseline",
                 "websockify-per-process",
                 "websockify-one-process",
@@ -1818,6 +1900,9 @@ fn render_table(doc: &Value) -> String {
         keys.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
         for n in keys {
             let o = &results[n]["open"];
+            if o.is_null() {
+                continue;
+            }
             out.push_str(&format!(
                 "| {n} | {} | {} | {} / {} | {} ({}) | {} | {} / {} |\n",
                 f(&o["sequential_s"]),
@@ -1829,6 +1914,21 @@ fn render_table(doc: &Value) -> String {
                 o["state_writes"],
                 f(&o["get16_p50_ms"]),
                 f(&o["get16_p99_ms"])
+            ));
+        }
+        out.push_str("\n| N | public port, --session-ports off: open N, 16 at once s | one open p50 / p99 ms |\n|---|---|---|\n");
+        let mut keys: Vec<&String> = results.keys().collect();
+        keys.sort_by_key(|k| k.parse::<usize>().unwrap_or(0));
+        for n in keys {
+            let o = &results[n]["open_public"];
+            if o.is_null() {
+                continue;
+            }
+            out.push_str(&format!(
+                "| {n} | {} | {} / {} |\n",
+                f(&o["parallel16_s"]),
+                f(&o["p50_ms"]),
+                f(&o["p99_ms"])
             ));
         }
     }
