@@ -625,7 +625,9 @@ impl ServeArgs {
                 ));
             }
         }
-        warn_if_ephemeral_overlap(&config.port_range);
+        if config.session_ports {
+            warn_if_ephemeral_overlap(&config.port_range);
+        }
         Ok(config)
     }
 }

@@ -57,6 +57,27 @@ pub enum DaemonError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot serve the public port {addr}: {source}")]
+    PublicServe {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "--session-ports off needs --public-listen ADDR: without session ports, the public port is the only way to a console"
+    )]
+    NoPublicPort,
+}
+
+/// Cancels the daemon's root token when dropped armed: a start that fails half way stops
+/// whatever it had spawned.
+struct CancelOnDrop(Option<CancellationToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            token.cancel();
+        }
+    }
 }
 
 /// Raises the soft open-files limit to the hard limit: 800 sessions with viewers need
@@ -113,6 +134,9 @@ impl Daemon {
     /// only then binds the control API: when `/healthz` answers, the sessions are back. Call
     /// inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        if !config.session_ports && config.public_listen.is_none() {
+            return Err(DaemonError::NoPublicPort);
+        }
         // Certificates first: a bad pair must stop the start before anything is bound.
         let session_tls = load_tls(
             (
@@ -146,6 +170,8 @@ impl Daemon {
         state::remove_stale_temps(&config.state_file);
         let records = state::load(&config.state_file, config.start_empty)?;
         let root = CancellationToken::new();
+        // A failed start must not leave the tasks started so far running.
+        let mut cancel_on_error = CancelOnDrop(Some(root.clone()));
         let tracker = TaskTracker::new();
         let pool = PortPool::new(
             config.port_range.clone(),
@@ -160,10 +186,14 @@ impl Daemon {
                 pool::bind_listener(addr).map_err(|source| DaemonError::PublicBind { addr, source })
             })
             .transpose()?;
-        let public_port = public_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.port());
+        let public_port = match (&public_listener, config.public_listen) {
+            (Some(l), Some(addr)) => Some(
+                l.local_addr()
+                    .map_err(|source| DaemonError::PublicBind { addr, source })?
+                    .port(),
+            ),
+            _ => None,
+        };
         let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
         let pool_ports = if config.session_ports {
             config.port_range.len()
@@ -217,15 +247,6 @@ impl Daemon {
             config.state_file.clone(),
             config.max_sessions,
         );
-        if let Some(listener) = public_listener {
-            let addr = config.public_listen.unwrap_or(config.api_listen);
-            crate::server::public::spawn_public_server(
-                listener,
-                registry.table(),
-                Arc::clone(&ctx),
-            )
-            .map_err(|source| DaemonError::PublicBind { addr, source })?;
-        }
         let stored = records.len();
         registry.restore(records);
         if stored > 0 {
@@ -235,6 +256,16 @@ impl Daemon {
             .write_now()
             .await
             .map_err(DaemonError::FirstWrite)?;
+        // Served only now, with every session back: a viewer reconnecting after a restart
+        // finds its session, not a 404 that counts against its address.
+        if let (Some(listener), Some(addr)) = (public_listener, config.public_listen) {
+            crate::server::public::spawn_public_server(
+                listener,
+                registry.table(),
+                Arc::clone(&ctx),
+            )
+            .map_err(|source| DaemonError::PublicServe { addr, source })?;
+        }
         let listener = pool::bind_listener(config.api_listen)
             .and_then(tokio::net::TcpListener::from_std)
             .map_err(|source| DaemonError::ApiBind {
@@ -308,6 +339,7 @@ impl Daemon {
             api_auth = api_guard.requires_token(),
             "vncgate serving"
         );
+        cancel_on_error.0 = None;
         Ok(Daemon {
             api_addr,
             registry,
@@ -347,7 +379,11 @@ impl Daemon {
         self.registry
             .pool()
             .reconfigure(new.port_range.clone(), new.max_sessions);
-        self.registry.set_max_sessions(new.max_sessions);
+        // Without session ports the cap is the registry's own; a file that now asks for
+        // session ports (a change only a restart makes) would bring a pool-clamped value.
+        if !self.started.session_ports && !new.session_ports {
+            self.registry.set_max_sessions(new.max_sessions);
+        }
         let pool_ports = if self.started.session_ports {
             new.port_range.len()
         } else {

@@ -151,8 +151,23 @@ impl PortPool {
     /// Cost is one pass over the range at most; foreign ports are not retried until their hold
     /// expires, so a crowded range does not turn into a bind storm.
     pub fn allocate(self: &Arc<Self>) -> Result<(PortLease, std::net::TcpListener), PoolError> {
+        self.allocate_within(true)
+    }
+
+    /// [`PortPool::allocate`] without the cap: a restart gives a port to a session that had
+    /// none (`--session-ports off` before), rather than drop it.
+    pub fn allocate_uncapped(
+        self: &Arc<Self>,
+    ) -> Result<(PortLease, std::net::TcpListener), PoolError> {
+        self.allocate_within(false)
+    }
+
+    fn allocate_within(
+        self: &Arc<Self>,
+        capped: bool,
+    ) -> Result<(PortLease, std::net::TcpListener), PoolError> {
         let mut inner = self.lock();
-        if inner.allocated_count >= inner.cap {
+        if capped && inner.allocated_count >= inner.cap {
             return Err(at_cap(&inner));
         }
         let now = Instant::now();

@@ -126,6 +126,9 @@ enum PortChoice {
     /// The port it had before a restart (the cap does not apply: a restart never drops a
     /// session it can still serve).
     Restore(u16),
+    /// Any free port of the pool, the cap not checked: a restart gives a session written with
+    /// `--session-ports off` a port, and never drops it for the cap.
+    AnyUncapped,
     /// No port (`--session-ports off`): served on the public port only. `capped`: an open,
     /// held to `--max-sessions`; a restore is not.
     None { capped: bool },
@@ -266,6 +269,7 @@ impl SessionRegistry {
     ) -> Result<Arc<Session>, SessionError> {
         let (lease, listener) = match port {
             PortChoice::Any => self.pool.allocate()?,
+            PortChoice::AnyUncapped => self.pool.allocate_uncapped()?,
             PortChoice::Restore(p) => self.pool.allocate_port(p)?,
             PortChoice::None { capped } => {
                 let session = Session::new(

@@ -165,7 +165,7 @@ async fn handle(
         return json_error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            "session ports answer GET only",
+            "console ports answer GET only",
         );
     }
     match path {

@@ -65,6 +65,11 @@ async function askSession() {
     if (code === 'forbidden') {
       return { ok: false, final: true, why: `Wrong token: ${message}` };
     }
+    if (code === 'not_found') {
+      // The public port's answer for a session that was closed (or never was): retrying
+      // would only spend this address's failed-token budget.
+      return { ok: false, final: true, why: `No such console session: ${message}` };
+    }
     return { ok: false, why: message };
   } catch (err) {
     return { ok: false, why: 'vncgate is not reachable' };

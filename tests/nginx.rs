@@ -235,6 +235,9 @@ async fn the_console_through_nginx_with_tls_and_pings_past_its_read_timeout() {
             }
         }
         assert_eq!(got, b"still here");
+        // Closed by us: nginx logs a proxied WebSocket when it ends.
+        ws.close(None).await.expect("close");
+        while let Some(Ok(_)) = ws.next().await {}
 
         // Without pings in that time, nginx closes the idle console at its read timeout.
         let quiet_session = quiet.open_ok("vm-quiet", &fake.target).await;
@@ -263,9 +266,14 @@ async fn the_console_through_nginx_with_tls_and_pings_past_its_read_timeout() {
         );
 
         // The access log has the requests, by path, and no token.
-        let log = std::fs::read_to_string(scratch.0.join("access.log")).expect("access log");
+        let access = scratch.0.join("access.log");
+        let logged = common::wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&access).is_ok_and(|l| l.contains("/s/vm-echo/websockify"))
+        })
+        .await;
+        let log = std::fs::read_to_string(&access).expect("access log");
+        assert!(logged, "the closed WebSocket is in the access log: {log}");
         assert!(log.contains("GET /s/vm-nginx/vnc.html"), "{log}");
-        assert!(log.contains("/s/vm-echo/websockify"), "{log}");
         for s in [&session, &echo] {
             let token = s["token"].as_str().expect("token");
             assert!(
@@ -273,8 +281,13 @@ async fn the_console_through_nginx_with_tls_and_pings_past_its_read_timeout() {
                 "a token reached the access log: {log}"
             );
         }
-        let control_log =
-            std::fs::read_to_string(scratch.0.join("control.log")).unwrap_or_default();
+        let control_log = scratch.0.join("control.log");
+        let logged = common::wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&control_log).is_ok_and(|l| l.contains("/s/vm-quiet/"))
+        })
+        .await;
+        let control_log = std::fs::read_to_string(&control_log).expect("control log");
+        assert!(logged, "{control_log}");
         assert!(!control_log.contains(token), "{control_log}");
         let listed: Value = daemon.call("GET", "/v1/sessions/vm-nginx", None).await.1;
         assert!(

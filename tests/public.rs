@@ -220,14 +220,35 @@ async fn unknown_sessions_are_404_counted_as_failures_and_tokens_stay_with_their
         // An unknown vm_id, with a real token, is 404 and a failure of this address.
         let r = ask(format!("/s/vm-nope/websockify?token={ta}")).await;
         assert_eq!((r.status, r.code().as_str()), (404, "not_found"), "{r:?}");
-        let r = raw::request(
-            ME,
-            public,
-            &format!("GET /s/vm-nope/vnc.html HTTP/1.1\r\nHost: {public}\r\n\r\n"),
+        let get = |path: String, extra: &'static str| async move {
+            raw::request(
+                ME,
+                public,
+                &format!("GET {path} HTTP/1.1\r\nHost: {public}\r\n{extra}\r\n"),
+            )
+            .await
+        };
+        // Not counted: the page is the same for every vm_id, so it is served for any (and
+        // tells nothing about which exist); another site's fetch of /session is refused
+        // before it can spend this browser's budget.
+        for i in 0..30 {
+            let page = get(format!("/s/vm-guess-{i}/vnc.html"), "").await;
+            assert_eq!(page.status, 200, "{page:?}");
+        }
+        let r = get(
+            "/s/vm-nope/session?token=x".into(),
+            "Sec-Fetch-Site: cross-site\r\n",
         )
         .await;
-        assert_eq!(r.status, 404, "{r:?}");
-        // Four failures so far: the fifth request is refused, even with the right token.
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (403, "origin_refused"),
+            "{r:?}"
+        );
+        let r = get(format!("/s/vm-gone/session?token={ta}"), "").await;
+        assert_eq!((r.status, r.code().as_str()), (404, "not_found"), "{r:?}");
+        // Four failures so far (two wrong tokens, two unknown sessions): the next request is
+        // refused, even with the right token.
         let r = ask(format!("/s/vm-a/websockify?token={ta}")).await;
         assert_eq!(
             (r.status, r.code().as_str()),
@@ -279,7 +300,7 @@ async fn the_bundled_page_lives_under_the_session_prefix() {
         assert!(js_type.starts_with("text/javascript"), "{js_type}");
         let bare = get("/s/vm-page").await;
         assert_eq!(bare.status, 308);
-        assert_eq!(bare.header("location").as_deref(), Some("vm-page/"));
+        assert_eq!(bare.header("location").as_deref(), Some("./vm-page/"));
         let escape = get("/s/vm-page/../../etc/passwd").await;
         assert_eq!(escape.status, 404, "{escape:?}");
         let other = get("/vnc.html").await;
@@ -453,6 +474,83 @@ async fn two_thousand_portless_sessions_open_list_restart_and_close() {
             serde_json::from_slice(&std::fs::read(daemon.state.file()).expect("state file"))
                 .expect("json");
         assert_eq!(doc["sessions"], serde_json::json!([]));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cap_without_session_ports_is_503_and_rolls_back() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let gate = gate(false, |c| c.max_sessions = 2).await;
+        gate.open_ok("vm-1", &fake.target).await;
+        gate.open_ok("vm-2", &fake.target).await;
+        let (status, body) = gate.open("vm-3", &fake.target).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "pool_exhausted");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("--max-sessions"), "{message}");
+        assert_eq!(
+            gate.session_count().await,
+            2,
+            "the refused open left nothing behind"
+        );
+        assert_eq!(gate.call("GET", "/v1/sessions/vm-3", None).await.0, 404);
+        assert_eq!(gate.close("vm-1").await, 204);
+        gate.open_ok("vm-3", &fake.target).await;
+        let status = gate.status().await;
+        assert_eq!(status["max_sessions"], 2, "{status}");
+    })
+    .await;
+}
+
+/// A state file crosses modes: sessions with ports are served on the public port alone after
+/// a restart with `--session-ports off` (same tokens), and get ports back when the daemon
+/// runs with session ports again; both moves are named in status warnings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_cross_between_modes_across_restarts() {
+    bounded(Duration::from_secs(60), async {
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let mut daemon = DaemonProcess::spawn(4, &["--public-listen", "PUBLIC"]).await;
+        let public = SocketAddr::from((Ipv4Addr::LOCALHOST, daemon.block.public()));
+        let first = daemon.open_ok("vm-x", &fake.target).await;
+        assert!(first["ws_port"].is_u64(), "{first}");
+        let token = text(&first, "token").to_owned();
+
+        let (exit, _) = daemon.terminate().await;
+        assert!(exit.success());
+        daemon.args.extend(["--session-ports".into(), "off".into()]);
+        daemon.restart().await;
+        let s = daemon.call("GET", "/v1/sessions/vm-x", None).await.1;
+        assert!(s["ws_port"].is_null(), "{s}");
+        assert_eq!(text(&s, "token"), token);
+        assert_eq!(
+            text(&s, "url"),
+            format!(
+                "http://127.0.0.1:{}/s/vm-x/vnc.html#token={token}",
+                public.port()
+            )
+        );
+        let status = daemon.call("GET", "/v1/status", None).await.1;
+        assert!(
+            status["warnings"].to_string().contains("public port only"),
+            "{status}"
+        );
+        echo_exact(connect(text(&s, "ws_url")).await, 4096, 3).await;
+
+        let (exit, _) = daemon.terminate().await;
+        assert!(exit.success());
+        daemon.args.truncate(daemon.args.len() - 2);
+        daemon.restart().await;
+        let s = daemon.call("GET", "/v1/sessions/vm-x", None).await.1;
+        assert!(s["ws_port"].is_u64(), "a port again: {s}");
+        assert_eq!(text(&s, "token"), token);
+        let status = daemon.call("GET", "/v1/status", None).await.1;
+        assert!(
+            status["warnings"].to_string().contains("got session ports"),
+            "{status}"
+        );
+        echo_exact(connect(text(&s, "ws_url")).await, 4096, 4).await;
     })
     .await;
 }

@@ -115,7 +115,7 @@ pub(super) async fn status(State(state): State<ApiState>) -> Json<Status> {
     // 80% of the cap: time to act before opens start failing.
     // The cap a config reload may have changed.
     let max_sessions = state.registry.max_sessions();
-    if active_sessions * 5 >= max_sessions * 4 {
+    if active_sessions.saturating_mul(5) >= max_sessions.saturating_mul(4) {
         warnings.push(format!(
             "{active_sessions} of {} sessions in use (80% or more of --max-sessions)",
             max_sessions

@@ -143,3 +143,70 @@ fn file_values_fill_in_below_flags() {
     ));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn public_port_flags() {
+    let off_alone = ServeArgs {
+        session_ports: Some("off".into()),
+        ..Default::default()
+    };
+    let err = off_alone.resolve().err().map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("--public-listen")),
+        "{err:?}"
+    );
+    let base_alone = ServeArgs {
+        public_base_url: Some("https://vnc.example".into()),
+        ..Default::default()
+    };
+    assert!(base_alone.resolve().is_err());
+    let off = ServeArgs {
+        public_listen: Some("127.0.0.1:6443".into()),
+        session_ports: Some("off".into()),
+        port_range: Some("7000-7009".into()),
+        ..Default::default()
+    };
+    let config = off.resolve().expect("valid");
+    assert!(!config.session_ports);
+    assert_eq!(
+        config.max_sessions, DEFAULT_MAX_SESSIONS_PORTLESS,
+        "not clamped to the pool"
+    );
+    let more = ServeArgs {
+        max_sessions: Some("20000".into()),
+        ..off.clone()
+    };
+    assert_eq!(more.resolve().map(|c| c.max_sessions).ok(), Some(20_000));
+    assert!(
+        ServeArgs {
+            session_ports: Some("maybe".into()),
+            ..off.clone()
+        }
+        .resolve()
+        .is_err()
+    );
+    for (url, ok) in [
+        ("https://vnc.example", true),
+        ("https://vnc.example/", true),
+        ("https://vnc.example:8443/consoles/", true),
+        ("http://[::1]:8080/a/b", true),
+        ("ftp://vnc.example", false),
+        ("https://", false),
+        ("https://vnc.example/a?x=1", false),
+        ("https://vnc.example/a#x", false),
+        ("https://user@vnc.example", false),
+        ("https://vnc.example//a", false),
+        ("https://vnc.example/a%2F", false),
+        ("https://vnc.example/a&b", false),
+        ("vnc.example", false),
+    ] {
+        assert_eq!(parse_base_url(url).is_ok(), ok, "{url}");
+    }
+    assert_eq!(
+        parse_base_url("https://vnc.example/consoles/")
+            .ok()
+            .as_deref(),
+        Some("https://vnc.example/consoles")
+    );
+}

@@ -146,14 +146,15 @@ pub(super) fn parse_base_url(v: &str) -> Result<String, ConfigError> {
     if crate::access::split_authority(authority).is_none() {
         return Err(invalid(key, v, "the host and port are not valid"));
     }
-    let bad = |c: char| {
-        c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '@' | '"' | '<' | '>' | '\\')
-    };
-    if rest.contains(bad) {
+    // The prefix goes unescaped into URLs and into noVNC's `path` parameter: plain path
+    // characters only, no empty segment. The authority was checked above.
+    let path_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '/');
+    let path = &rest[authority.len()..];
+    if !path.chars().all(path_ok) || path.contains("//") {
         return Err(invalid(
             key,
             v,
-            "no query, fragment, user info, spaces or quotes: a base the daemon appends /s/{vm_id}/vnc.html to",
+            "the path prefix may hold only letters, digits, - . _ ~ and single slashes (no query, fragment, user info or escapes): the daemon appends /s/{vm_id}/vnc.html to it",
         ));
     }
     Ok(t.to_owned())

@@ -19,6 +19,8 @@ impl SessionRegistry {
         let mut homeless = Vec::new();
         // Sessions that had a port and lost it to --session-ports off (their old URLs fail).
         let mut unported = Vec::new();
+        // Sessions written with --session-ports off that get a pool port now.
+        let mut ported = Vec::new();
         // First every session that can have its old port, so no moved session takes a port
         // another one is about to claim back.
         for r in records {
@@ -63,17 +65,9 @@ impl SessionRegistry {
                     PortChoice::None { capped: false }
                 }
                 (true, Some(port)) => PortChoice::Restore(port),
-                (true, None) => {
-                    let err = super::SessionError::Pool(crate::pool::PoolError::Bind {
-                        port: 0,
-                        source: std::io::Error::other(
-                            "it was written with --session-ports off and had no port",
-                        ),
-                    });
-                    homeless.push((r, target, token, created_at, limits, err));
-                    continue;
-                }
+                (true, None) => PortChoice::AnyUncapped,
             };
+            let had_port = r.ws_port.is_some();
             match self.start_session(
                 &r.vm_id,
                 target.clone(),
@@ -84,9 +78,20 @@ impl SessionRegistry {
             ) {
                 Ok(s) => {
                     self.watch_lifetime(&s);
+                    if self.ctx.session_ports && !had_port {
+                        ported.push(format!("{} (port {})", r.vm_id, port_text(s.port)));
+                    }
                     info!(vm_id = %r.vm_id, port = s.port, "session restored");
                 }
-                Err(err) => homeless.push((r, target, token, created_at, limits, err)),
+                Err(err) if had_port => homeless.push((r, target, token, created_at, limits, err)),
+                Err(err) => {
+                    let why = format!(
+                        "session {} (written with --session-ports off) dropped at restart: no pool port: {err}",
+                        r.vm_id
+                    );
+                    warn!(vm_id = %r.vm_id, "{why}");
+                    degraded.push(why);
+                }
             }
         }
         for (r, target, token, created_at, limits, first) in homeless {
@@ -114,17 +119,19 @@ impl SessionRegistry {
             }
         }
         if !unported.is_empty() {
-            // A few names, not ten thousand: the log line and the status warning stay short.
-            let named = unported.len().min(5);
-            let more = if unported.len() > named {
-                format!(" and {} more", unported.len() - named)
-            } else {
-                String::new()
-            };
             let why = format!(
-                "{} sessions had session ports and are now served on the public port only (--session-ports off); URLs with their old ports no longer work: {}{more}",
+                "{} sessions had session ports and are now served on the public port only (--session-ports off); URLs with their old ports no longer work: {}",
                 unported.len(),
-                unported[..named].join(", ")
+                a_few(&unported)
+            );
+            warn!("{why}");
+            degraded.push(why);
+        }
+        if !ported.is_empty() {
+            let why = format!(
+                "{} sessions written with --session-ports off got session ports at restart; their url and ws_url changed: {}",
+                ported.len(),
+                a_few(&ported)
             );
             warn!("{why}");
             degraded.push(why);
@@ -145,4 +152,15 @@ impl SessionRegistry {
 /// A record's port for messages: `none` for a session without one.
 fn port_text(port: Option<u16>) -> String {
     port.map_or_else(|| "none".to_owned(), |p| p.to_string())
+}
+
+/// The first few of `names`, and how many more: a log line and a status warning stay short
+/// when ten thousand sessions are concerned.
+fn a_few(names: &[String]) -> String {
+    let named = names.len().min(5);
+    let mut text = names[..named].join(", ");
+    if names.len() > named {
+        text.push_str(&format!(" and {} more", names.len() - named));
+    }
+    text
 }

@@ -1,11 +1,15 @@
 //! The public port (`--public-listen`, DESIGN.md "Single public port"): every session on one
 //! port, the page at `/s/{vm_id}/vnc.html`, the WebSocket at `/s/{vm_id}/websockify`.
 //!
-//! Routing reads the vm_id from the path and looks the session up in the sharded table (a
-//! shard's read lock for the lookup, nothing held after it); the rest of the path goes to the
-//! session port's own handler, so the token, Origin, limits and TLS checks are the same code.
-//! A request for a vm_id the table does not have is 404 and counts as a failed token check
-//! (no enumeration of VM names); its token is never compared with another session's.
+//! Routing reads the vm_id from the path. The page and its assets are the same for every
+//! session, so they are served for any well-formed vm_id without looking it up: a static
+//! request tells nothing about which VMs exist. `GET /s/{vm_id}/session` and the WebSocket look
+//! the session up in the sharded table (a shard's read lock for the lookup, nothing held after
+//! it) and go to the session port's own handler, so the token, Origin, limits and TLS checks
+//! are the same code. For a vm_id the table does not have they are 404, after the same
+//! failed-token limit and Origin checks, and count as a failed token check (so names can be
+//! guessed only at `--auth-fail-limit`'s pace); the token is never compared with another
+//! session's.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,11 +21,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, info_span};
 
+use super::handshake::{Refusal, wants_websocket};
 use super::{ServerContext, handle, json_error};
 use crate::http::{self, Conn};
 use crate::metrics::ConnectOutcome;
 use crate::session::SessionTable;
-use crate::web::{Body, full};
+use crate::web::{self, Body, full};
 
 /// Starts serving the public port on `listener` until the daemon's root token is cancelled.
 pub fn spawn_public_server(
@@ -75,43 +80,65 @@ async fn route(
     ctx: &Arc<ServerContext>,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
-    let Some((vm_id, rest)) = split_session_path(&path) else {
+    let Some((vm_id, rest)) = split_session_path(&path).filter(|(id, _)| is_vm_id(id)) else {
         return json_error(
             StatusCode::NOT_FOUND,
             "not_found",
             "this port serves consoles under /s/{vm_id}/: open the console url vncgate gave",
         );
     };
-    // Any string may be looked up: one that is not a vm_id is simply not found.
-    let session = table.get(vm_id).map(|s| Arc::clone(s.value()));
-    let Some(session) = session else {
-        return unknown_session(&req, &conn, ctx);
-    };
-    if rest.is_empty() {
-        // `/s/vm` -> `/s/vm/`: relative, so it stays right under a reverse proxy's prefix;
-        // built from a vm_id that matched a session (its grammar needs no escaping).
-        let mut response = Response::new(full(""));
-        *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
-        if let Ok(location) = HeaderValue::from_str(&format!("{vm_id}/")) {
-            response.headers_mut().insert(header::LOCATION, location);
+    let for_session = rest == "/session" || wants_websocket(req.headers());
+    if !for_session {
+        if rest.is_empty() {
+            // `/s/vm` -> `/s/vm/`: relative (`./`, so a vm_id with a `:` is no scheme), so
+            // it stays right under a reverse proxy's prefix.
+            let mut response = Response::new(full(""));
+            *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+            if let Ok(location) = HeaderValue::from_str(&format!("./{vm_id}/")) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            return response;
         }
-        return response;
+        if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "the console page answers GET only",
+            );
+        }
+        return web::serve_path(&ctx.web, &ctx.csp, rest, req).await;
     }
-    handle(req, conn, &session, ctx, rest).await
+    let session = table.get(vm_id).map(|s| Arc::clone(s.value()));
+    match session {
+        Some(session) => handle(req, conn, &session, ctx, rest).await,
+        None => unknown_session(&req, &conn, ctx),
+    }
 }
 
-/// A request under `/s/{vm_id}/` for no session: counted as a failed token check of the
-/// client (429 once it is over the limit), then 404. Nothing is compared with any token.
+/// `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}` (DESIGN.md "Control API"), as the registry checks it.
+fn is_vm_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+}
+
+/// `/session` or a WebSocket for a vm_id without a session: the checks a session's own
+/// request gets before its token (the failed-token limit, the Origin policy, and for
+/// `/session` no cross-site fetch, so another site cannot spend a browser's budget), then
+/// counted as a failed token check and 404. Nothing is compared with any token.
 fn unknown_session(req: &Request<Incoming>, conn: &Conn, ctx: &ServerContext) -> Response<Body> {
     let client = ctx
         .access
         .client(conn.peer.addr.ip(), conn.peer.tls, req.headers());
-    let upgrade = super::handshake::wants_websocket(req.headers());
+    let upgrade = wants_websocket(req.headers());
     if let Some(retry_after) = ctx.access.failures.blocked(client.addr) {
         if upgrade {
             ctx.metrics.viewer_connect(ConnectOutcome::RateLimited);
         }
-        return super::handshake::Refusal {
+        return Refusal {
             status: StatusCode::TOO_MANY_REQUESTS,
             code: "rate_limited",
             message: format!(
@@ -119,6 +146,26 @@ fn unknown_session(req: &Request<Incoming>, conn: &Conn, ctx: &ServerContext) ->
                 client.addr
             ),
             retry_after: Some(retry_after),
+        }
+        .into_response();
+    }
+    let cross_site = !upgrade
+        && req
+            .headers()
+            .get("sec-fetch-site")
+            .is_some_and(|v| v == "cross-site" || v == "same-site");
+    let origin = ctx.access.check_origin(&client, req.headers());
+    if cross_site || origin.is_err() {
+        if upgrade {
+            ctx.metrics.viewer_connect(ConnectOutcome::OriginRefused);
+        }
+        return Refusal {
+            status: StatusCode::FORBIDDEN,
+            code: "origin_refused",
+            message: origin
+                .err()
+                .unwrap_or_else(|| "a page of another site may not query this console".into()),
+            retry_after: None,
         }
         .into_response();
     }
