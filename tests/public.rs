@@ -50,6 +50,14 @@ fn text<'a>(v: &'a Value, field: &str) -> &'a str {
 /// Sends `total` random bytes in messages of up to 64 KiB while reading the echo; asserts
 /// the greeting and then every byte, in order.
 async fn echo_exact(ws: Ws, total: usize, seed: u64) {
+    echo_exact_over(ws, total, seed).await;
+}
+
+/// [`echo_exact`] over a WebSocket on any stream (TLS included).
+async fn echo_exact_over<S>(ws: WebSocketStream<S>, total: usize, seed: u64)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut tx, mut rx) = ws.split();
     let mut rng = Lcg(seed);
     let payload = rng.bytes(total);
@@ -551,6 +559,50 @@ async fn sessions_cross_between_modes_across_restarts() {
             "{status}"
         );
         echo_exact(connect(text(&s, "ws_url")).await, 4096, 4).await;
+    })
+    .await;
+}
+
+/// With `--cert/--key` the public port speaks HTTPS/WSS only, as session ports do: wss relays
+/// byte-exact, a plain HTTP request is told to use https.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_port_speaks_tls_with_a_certificate() {
+    bounded(Duration::from_secs(30), async {
+        let fake = FakeVnc::unix(Mode::Echo).await;
+        let ca = common::tls::TestCa::new("public");
+        let dir = common::StateDir::new();
+        let (cert, key) = ca.leaf().write(&dir.0, &ca);
+        let gate = gate(false, |c| {
+            c.tls = Some(vncgate::tls::TlsFiles { cert, key });
+        })
+        .await;
+        let public = public_addr(&gate).await;
+        let s = gate.open_ok("vm-tls", &fake.target).await;
+        let token = text(&s, "token");
+        assert_eq!(
+            text(&s, "url"),
+            format!("https://{public}/s/vm-tls/vnc.html#token={token}")
+        );
+        let ws_url = text(&s, "ws_url");
+        assert_eq!(
+            ws_url,
+            format!("wss://{public}/s/vm-tls/websockify?token={token}")
+        );
+        let tls = common::tls::connect(public, ca.client_config())
+            .await
+            .expect("TLS to the public port");
+        let (ws, _) = tokio_tungstenite::client_async(ws_url, tls)
+            .await
+            .expect("wss upgrade");
+        echo_exact_over(ws, 1 << 20, 9).await;
+        let plain = raw::request(
+            ME,
+            public,
+            &format!("GET /s/vm-tls/vnc.html HTTP/1.1\r\nHost: {public}\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(plain.status, 400, "{plain:?}");
+        assert!(plain.body.contains("https://"), "{plain:?}");
     })
     .await;
 }
