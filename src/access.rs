@@ -28,7 +28,8 @@ pub const FAIL_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses with failures remembered at once before expired ones are swept out.
 const FAIL_TABLE_SWEEP: usize = 4096;
 /// Addresses with failures remembered at most: past it (a distributed attacker with this many
-/// addresses, or IPv6 /64s) new addresses are not tracked until old ones expire.
+/// addresses, or IPv6 /64s) the entries that matter least make room (see
+/// [`FailLimiter::make_room`]); blocked addresses are always kept.
 const FAIL_TABLE_MAX: usize = 65_536;
 /// Sweeps of the failure table at most this often (each walks the whole table).
 const FAIL_SWEEP_PERIOD: Duration = Duration::from_secs(1);
@@ -422,7 +423,7 @@ impl FailLimiter {
         if !self.table.contains_key(&key) && self.table.len() >= FAIL_TABLE_SWEEP {
             self.sweep(now);
             if self.table.len() >= FAIL_TABLE_MAX {
-                return;
+                self.make_room();
             }
         }
         let mut window = self.table.entry(key).or_insert(FailWindow {
@@ -451,6 +452,21 @@ impl FailLimiter {
                     other_clients_blocked = held_back,
                     "too many wrong console tokens: client refused with 429 for a while (--auth-fail-limit; logged once a minute)"
                 );
+            }
+        }
+    }
+
+    /// A full table (a spray from more addresses than it holds) drops the entries with the
+    /// fewest failures first, never a blocked one: a spray of one failure per address cannot
+    /// push out an address that is guessing in earnest, and no new address goes uncounted.
+    /// One pass over the table per [`FAIL_TABLE_MAX`] new addresses at most.
+    fn make_room(&self) {
+        let limit = self.limit.load(Ordering::Relaxed);
+        for keep_from in [2, (limit / 2).max(2), u32::MAX] {
+            self.table
+                .retain(|_, w| w.blocked_until.is_some() || w.failures >= keep_from);
+            if self.table.len() < FAIL_TABLE_MAX * 3 / 4 {
+                return;
             }
         }
     }

@@ -100,7 +100,7 @@ pub fn spawn_session_server(
                 let conn = conn.clone();
                 async move {
                     let path = req.uri().path().to_owned();
-                    Ok::<_, Infallible>(handle(req, conn, &session, &ctx, &path).await)
+                    Ok::<_, Infallible>(handle(req, conn, Some(&session), &ctx, &path).await)
                 }
             })
         })
@@ -112,18 +112,24 @@ pub fn spawn_session_server(
 
 /// Answers one request for `session`; `path` is the path inside the session (`/vnc.html`,
 /// `/session`, `/websockify`): the request's own on a session port, what follows
-/// `/s/{vm_id}` on the public port.
+/// `/s/{vm_id}` on the public port. `None`: the public port's vm_id has no session; its
+/// `/session` and WebSocket get every check a session's do, in the same order, and then 404
+/// (counted as a failed token check) where a token would be compared.
 async fn handle(
     mut req: Request<Incoming>,
     conn: Conn,
-    session: &Arc<Session>,
+    session: Option<&Arc<Session>>,
     ctx: &Arc<ServerContext>,
     path: &str,
 ) -> Response<Body> {
     let peer = conn.peer;
+    let (vm_id, port) = (
+        session.map(|s| s.vm_id.as_str()),
+        session.and_then(|s| s.port),
+    );
     if wants_websocket(req.headers()) {
         return match accept_websocket(&mut req, peer, session, ctx) {
-            Ok(response) => {
+            Ok((response, session)) => {
                 // The target generation is fixed when the token was good: a revocation
                 // between this answer and the relay's start still reaches this viewer.
                 let ticket = session.ticket();
@@ -140,7 +146,7 @@ async fn handle(
             }
             Err(refusal) => {
                 let outcome = match refusal.code {
-                    "forbidden" | "token_expired" => Some(ConnectOutcome::BadToken),
+                    "forbidden" | "token_expired" | "not_found" => Some(ConnectOutcome::BadToken),
                     "origin_refused" => Some(ConnectOutcome::OriginRefused),
                     "rate_limited" => Some(ConnectOutcome::RateLimited),
                     // A malformed handshake is not a viewer's connect.
@@ -152,11 +158,11 @@ async fn handle(
                 if refusal.code == "origin_refused"
                     && let Some(held_back) = ctx.access.origin_log.ready(ORIGIN_LOG_PERIOD)
                 {
-                    warn!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, held_back, reason = refusal.message, "websocket refused for its Origin (logged once a minute)");
+                    warn!(vm_id, port, peer = %peer.addr, held_back, reason = refusal.message, "websocket refused for its Origin (logged once a minute)");
                 }
                 // Debug, not info: a client hammering wrong tokens must not flood the log
                 // (the failed-token limit logs once per block at warn).
-                debug!(vm_id = %session.vm_id, port = session.port, peer = %peer.addr, code = refusal.code, reason = refusal.message, "websocket refused");
+                debug!(vm_id, port, peer = %peer.addr, code = refusal.code, reason = refusal.message, "websocket refused");
                 refusal.into_response()
             }
         };
@@ -196,7 +202,7 @@ async fn handle(
                 .into_response();
             }
             match check_token(req.uri().query(), &client.addr, session, ctx) {
-                Ok(()) => json_response(
+                Ok(session) => json_response(
                     StatusCode::OK,
                     &serde_json::json!({ "vm_id": session.vm_id }),
                 ),
@@ -218,14 +224,15 @@ fn decode_origin(raw: &str) -> String {
 }
 
 /// The token check of `/session` and of an upgrade: 429 while the client is over the
-/// failed-token limit, 403 `forbidden` for a missing or wrong token (counted), 403
-/// `token_expired` for the session's own token past its expiry.
-fn check_token(
+/// failed-token limit, 404 `not_found` for no session (the public port; counted), 403
+/// `forbidden` for a missing or wrong token (counted), 403 `token_expired` for the session's
+/// own token past its expiry. Returns the session the token opens.
+fn check_token<'a>(
     query: Option<&str>,
     client: &std::net::IpAddr,
-    session: &Session,
+    session: Option<&'a Arc<Session>>,
     ctx: &ServerContext,
-) -> Result<(), Refusal> {
+) -> Result<&'a Arc<Session>, Refusal> {
     if let Some(retry_after) = ctx.access.failures.blocked(*client) {
         return Err(Refusal {
             status: StatusCode::TOO_MANY_REQUESTS,
@@ -236,6 +243,15 @@ fn check_token(
             retry_after: Some(retry_after),
         });
     }
+    let Some(session) = session else {
+        ctx.access.failures.record_failure(*client);
+        return Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: "no console session here: it was closed or the link is wrong (ask the platform for a new one)".into(),
+            retry_after: None,
+        });
+    };
     let Some(token) = query_param(query, "token") else {
         ctx.access.failures.record_failure(*client);
         return Err(forbidden(
@@ -243,7 +259,7 @@ fn check_token(
         ));
     };
     match session.check_token(token) {
-        TokenCheck::Valid => Ok(()),
+        TokenCheck::Valid => Ok(session),
         TokenCheck::Expired => Err(Refusal {
             status: StatusCode::FORBIDDEN,
             code: "token_expired",

@@ -240,11 +240,16 @@ $('clipboard-send').addEventListener('click', () => {
 // A new token in the fragment is a new console: start over with it.
 window.addEventListener('hashchange', () => location.reload());
 
+// Asked first, connected after: a link that cannot work (closed session, expired or wrong
+// token) is explained at once and costs its address one failed check, not three.
 askSession().then((session) => {
   if (session.ok) {
     vmId = session.vmId;
     $('vm').textContent = vmId;
     document.title = `${vmId} · vncgate`;
+  } else if (session.final) {
+    setState('closed', session.why);
+    return;
   }
+  connect();
 });
-connect();

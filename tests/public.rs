@@ -215,6 +215,39 @@ async fn unknown_sessions_are_404_counted_as_failures_and_tokens_stay_with_their
         let ask = |path: String| async move {
             raw::request(ME, public, &upgrade_request(public, &path, &[])).await
         };
+        // A vm_id with a session and one without answer alike until a token would be
+        // compared: the method, then the Origin (none of these is counted).
+        for vm in ["vm-a", "vm-nope"] {
+            let r = raw::request(
+                ME,
+                public,
+                &format!(
+                    "POST /s/{vm}/session HTTP/1.1\r\nHost: {public}\r\nContent-Length: 0\r\n\r\n"
+                ),
+            )
+            .await;
+            assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"), "{vm}: {r:?}");
+            let r = raw::request(
+                ME,
+                public,
+                &format!(
+                    "GET /s/{vm}/session?token=x&origin=http%3A%2F%2Fevil.example HTTP/1.1\r\nHost: {public}\r\n\r\n"
+                ),
+            )
+            .await;
+            assert_eq!((r.status, r.code().as_str()), (403, "origin_refused"), "{vm}: {r:?}");
+            let r = raw::request(
+                ME,
+                public,
+                &upgrade_request(
+                    public,
+                    &format!("/s/{vm}/websockify?token=x"),
+                    &["Origin: http://evil.example"],
+                ),
+            )
+            .await;
+            assert_eq!((r.status, r.code().as_str()), (403, "origin_refused"), "{vm}: {r:?}");
+        }
         // A's token is no key to B, and B's page answers for B only.
         let r = ask(format!("/s/vm-b/websockify?token={ta}")).await;
         assert_eq!((r.status, r.code().as_str()), (403, "forbidden"), "{r:?}");

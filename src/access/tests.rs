@@ -182,6 +182,43 @@ async fn the_failure_table_is_swept_and_bounded() {
     assert_eq!(limiter.table.len(), 1, "expired windows are swept out");
 }
 
+/// A spray from more addresses than the table holds neither stops the counting of a new
+/// address nor frees one that is guessing in earnest.
+#[tokio::test(start_paused = true)]
+async fn a_full_failure_table_still_counts_and_keeps_the_guessers() {
+    let limiter = FailLimiter::new(5);
+    let guesser: IpAddr = "10.200.0.1".parse().expect("ip");
+    for _ in 0..3 {
+        limiter.record_failure(guesser);
+    }
+    let blocked: IpAddr = "10.200.0.2".parse().expect("ip");
+    for _ in 0..5 {
+        limiter.record_failure(blocked);
+    }
+    for i in 0..(FAIL_TABLE_MAX as u32 + 100) {
+        limiter.record_failure(IpAddr::from((0x0b00_0000 + i).to_be_bytes()));
+    }
+    assert!(limiter.table.len() <= FAIL_TABLE_MAX);
+    assert!(
+        limiter.blocked(blocked).is_some(),
+        "a blocked address stays blocked"
+    );
+    let fresh: IpAddr = "10.200.0.3".parse().expect("ip");
+    for _ in 0..5 {
+        limiter.record_failure(fresh);
+    }
+    assert!(
+        limiter.blocked(fresh).is_some(),
+        "a new address is still counted"
+    );
+    limiter.record_failure(guesser);
+    limiter.record_failure(guesser);
+    assert!(
+        limiter.blocked(guesser).is_some(),
+        "the guesser's three earlier failures were kept"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn throttled_lines_count_what_they_held_back() {
     let t = Throttle::default();

@@ -1,6 +1,8 @@
 //! The WebSocket opening handshake of a session (or public) port (RFC 6455 section 4.2.1)
 //! and the HTTP answers a refused upgrade gets.
 
+use std::sync::Arc;
+
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -71,12 +73,12 @@ pub(super) fn bad_request(message: String) -> Refusal {
 /// Checks a WebSocket request and builds the 101 answer. Nothing reaches the VNC server
 /// unless every check passes: the failed-token limit, the Origin policy, the token, then
 /// the handshake itself (RFC 6455 section 4.2.1).
-pub(super) fn accept_websocket(
+pub(super) fn accept_websocket<'a>(
     req: &mut Request<Incoming>,
     peer: Peer,
-    session: &Session,
+    session: Option<&'a Arc<Session>>,
     ctx: &ServerContext,
-) -> Result<Response<Body>, Refusal> {
+) -> Result<(Response<Body>, &'a Arc<Session>), Refusal> {
     let client = ctx.access.client(peer.addr.ip(), peer.tls, req.headers());
     if let Some(retry_after) = ctx.access.failures.blocked(client.addr) {
         return Err(Refusal {
@@ -97,7 +99,7 @@ pub(super) fn accept_websocket(
             retry_after: None,
         });
     }
-    check_token(req.uri().query(), &client.addr, session, ctx)?;
+    let session = check_token(req.uri().query(), &client.addr, session, ctx)?;
     let headers = req.headers();
     if req.version() < hyper::Version::HTTP_11 {
         return Err(bad_request(format!(
@@ -164,7 +166,7 @@ pub(super) fn accept_websocket(
     if let Some(p) = protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
-    Ok(response)
+    Ok((response, session))
 }
 
 /// A `Sec-WebSocket-Key`: base64 of exactly 16 bytes, so 22 characters, the last of which

@@ -6,10 +6,10 @@
 //! request tells nothing about which VMs exist. `GET /s/{vm_id}/session` and the WebSocket look
 //! the session up in the sharded table (a shard's read lock for the lookup, nothing held after
 //! it) and go to the session port's own handler, so the token, Origin, limits and TLS checks
-//! are the same code. For a vm_id the table does not have they are 404, after the same
-//! failed-token limit and Origin checks, and count as a failed token check (so names can be
-//! guessed only at `--auth-fail-limit`'s pace); the token is never compared with another
-//! session's.
+//! are the same code. For a vm_id the table does not have, that handler makes the same checks
+//! in the same order (method, failed-token limit, Origin, cross-site) and answers 404 where it
+//! would compare the token, counted as a failed token check: names can be guessed only at
+//! `--auth-fail-limit`'s pace, and the token is never compared with another session's.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,12 +19,11 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{debug, info_span};
+use tracing::info_span;
 
-use super::handshake::{Refusal, wants_websocket};
+use super::handshake::wants_websocket;
 use super::{ServerContext, handle, json_error};
 use crate::http::{self, Conn};
-use crate::metrics::ConnectOutcome;
 use crate::session::SessionTable;
 use crate::web::{self, Body, full};
 
@@ -109,10 +108,7 @@ async fn route(
         return web::serve_path(&ctx.web, &ctx.csp, rest, req).await;
     }
     let session = table.get(vm_id).map(|s| Arc::clone(s.value()));
-    match session {
-        Some(session) => handle(req, conn, &session, ctx, rest).await,
-        None => unknown_session(&req, &conn, ctx),
-    }
+    handle(req, conn, session.as_ref(), ctx, rest).await
 }
 
 /// `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}` (DESIGN.md "Control API"), as the registry checks it.
@@ -123,62 +119,6 @@ fn is_vm_id(id: &str) -> bool {
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
-}
-
-/// `/session` or a WebSocket for a vm_id without a session: the checks a session's own
-/// request gets before its token (the failed-token limit, the Origin policy, and for
-/// `/session` no cross-site fetch, so another site cannot spend a browser's budget), then
-/// counted as a failed token check and 404. Nothing is compared with any token.
-fn unknown_session(req: &Request<Incoming>, conn: &Conn, ctx: &ServerContext) -> Response<Body> {
-    let client = ctx
-        .access
-        .client(conn.peer.addr.ip(), conn.peer.tls, req.headers());
-    let upgrade = wants_websocket(req.headers());
-    if let Some(retry_after) = ctx.access.failures.blocked(client.addr) {
-        if upgrade {
-            ctx.metrics.viewer_connect(ConnectOutcome::RateLimited);
-        }
-        return Refusal {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            code: "rate_limited",
-            message: format!(
-                "too many wrong console tokens or unknown consoles from {}: try again in {retry_after} s",
-                client.addr
-            ),
-            retry_after: Some(retry_after),
-        }
-        .into_response();
-    }
-    let cross_site = !upgrade
-        && req
-            .headers()
-            .get("sec-fetch-site")
-            .is_some_and(|v| v == "cross-site" || v == "same-site");
-    let origin = ctx.access.check_origin(&client, req.headers());
-    if cross_site || origin.is_err() {
-        if upgrade {
-            ctx.metrics.viewer_connect(ConnectOutcome::OriginRefused);
-        }
-        return Refusal {
-            status: StatusCode::FORBIDDEN,
-            code: "origin_refused",
-            message: origin
-                .err()
-                .unwrap_or_else(|| "a page of another site may not query this console".into()),
-            retry_after: None,
-        }
-        .into_response();
-    }
-    ctx.access.failures.record_failure(client.addr);
-    if upgrade {
-        ctx.metrics.viewer_connect(ConnectOutcome::BadToken);
-    }
-    debug!(peer = %conn.peer.addr, path = req.uri().path(), "request for an unknown console session");
-    json_error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no console session here: it was closed or the link is wrong (ask the platform for a new one)",
-    )
 }
 
 #[cfg(test)]
