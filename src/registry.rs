@@ -54,14 +54,7 @@ pub enum SessionError {
 
 /// `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}`
 pub fn validate_vm_id(vm_id: &str) -> Result<(), SessionError> {
-    let bytes = vm_id.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 128
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    if ok {
+    if crate::session::is_vm_id(vm_id) {
         Ok(())
     } else {
         Err(SessionError::InvalidVmId(vm_id.to_owned()))

@@ -66,6 +66,30 @@ pub struct ServerContext {
     pub session_ports: bool,
 }
 
+impl ServerContext {
+    /// A console port's listener (a session port or the public port): its TLS, the daemon's
+    /// task tracker and the connection limits every console port shares; it stops with `stop`.
+    fn console_listener(
+        &self,
+        socket: TcpListener,
+        stop: CancellationToken,
+        span: tracing::Span,
+    ) -> http::Listener {
+        http::Listener {
+            socket,
+            tls: self.tls.clone(),
+            stop,
+            tracker: self.tracker.clone(),
+            span,
+            admission: Some(http::Admission {
+                limits: Arc::clone(&self.limits),
+                policy: Arc::clone(&self.access),
+                loopback_uncapped_per_address: false,
+            }),
+        }
+    }
+}
+
 /// Starts serving `session` on its pool port. The task owns the listener and the lease, so
 /// the port returns to the pool exactly when the listener is closed.
 pub fn spawn_session_server(
@@ -75,18 +99,11 @@ pub fn spawn_session_server(
     ctx: Arc<ServerContext>,
 ) -> std::io::Result<JoinHandle<()>> {
     let socket = TcpListener::from_std(listener)?;
-    let listener = http::Listener {
+    let listener = ctx.console_listener(
         socket,
-        tls: ctx.tls.clone(),
-        stop: session.cancel_token(),
-        tracker: ctx.tracker.clone(),
-        span: info_span!("session", vm_id = %session.vm_id, port = session.port),
-        admission: Some(http::Admission {
-            limits: Arc::clone(&ctx.limits),
-            policy: Arc::clone(&ctx.access),
-            loopback_uncapped_per_address: false,
-        }),
-    };
+        session.cancel_token(),
+        info_span!("session", vm_id = %session.vm_id, port = session.port),
+    );
     let tracker = ctx.tracker.clone();
     Ok(tracker.spawn(async move {
         let service_ctx = Arc::clone(&ctx);

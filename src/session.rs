@@ -25,6 +25,18 @@ pub use limits::{MAX_LIMIT, MIN_LIMIT_SECS, SessionLimits, duration_text, parse_
 /// sharded, so no lock is shared by every connection.
 pub type SessionTable = Arc<dashmap::DashMap<String, Arc<Session>>>;
 
+/// Whether `vm_id` matches `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}` (DESIGN.md "Control API"):
+/// the registry's check on open, and the public port's on a path.
+pub fn is_vm_id(vm_id: &str) -> bool {
+    let bytes = vm_id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// 192 random bits, hex: unguessable and safe in a URL without escaping.
 pub(crate) fn new_token() -> String {
     let bytes: [u8; 24] = rand::random();

@@ -24,7 +24,7 @@ use tracing::info_span;
 use super::handshake::wants_websocket;
 use super::{ServerContext, handle, json_error};
 use crate::http::{self, Conn};
-use crate::session::SessionTable;
+use crate::session::{SessionTable, is_vm_id};
 use crate::web::{self, Body, full};
 
 /// Starts serving the public port on `listener` until the daemon's root token is cancelled.
@@ -35,18 +35,7 @@ pub fn spawn_public_server(
 ) -> std::io::Result<JoinHandle<()>> {
     let socket = TcpListener::from_std(listener)?;
     let port = socket.local_addr()?.port();
-    let listener = http::Listener {
-        socket,
-        tls: ctx.tls.clone(),
-        stop: ctx.root.clone(),
-        tracker: ctx.tracker.clone(),
-        span: info_span!("public", port),
-        admission: Some(http::Admission {
-            limits: Arc::clone(&ctx.limits),
-            policy: Arc::clone(&ctx.access),
-            loopback_uncapped_per_address: false,
-        }),
-    };
+    let listener = ctx.console_listener(socket, ctx.root.clone(), info_span!("public", port));
     let tracker = ctx.tracker.clone();
     Ok(tracker.spawn(async move {
         http::serve(listener, move |conn: Conn| {
@@ -109,16 +98,6 @@ async fn route(
     }
     let session = table.get(vm_id).map(|s| Arc::clone(s.value()));
     handle(req, conn, session.as_ref(), ctx, rest).await
-}
-
-/// `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}` (DESIGN.md "Control API"), as the registry checks it.
-fn is_vm_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
 }
 
 #[cfg(test)]
