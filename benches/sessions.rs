@@ -783,6 +783,84 @@ fn own_cpu_seconds() -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Context switches (voluntary and involuntary) so far of `pids`, their threads and their
+/// children.
+/// Minor page faults so far of `pids` (all their threads) and their children.
+fn minor_faults(pids: &[u32]) -> u64 {
+    with_descendants(pids)
+        .iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // minflt is field 10, the 8th after the command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn context_switches(pids: &[u32]) -> (u64, u64) {
+    let field = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut switches = (0, 0);
+    for pid in with_descendants(pids) {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.filter_map(|t| t.ok()) {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                switches.0 += field(&status, "voluntary_ctxt_switches:");
+                switches.1 += field(&status, "nonvoluntary_ctxt_switches:");
+            }
+        }
+    }
+    switches
+}
+
+/// Counts the system calls of `pids` (and their threads) with `perf stat` while it runs; `None`
+/// where perf or its tracepoints are not available. /proc/PID/io's `syscr`/`syscw` would miss
+/// `recv` and `send`, which is what tokio's sockets use.
+struct SyscallCount(Option<std::process::Child>);
+
+impl SyscallCount {
+    fn start(pids: &[u32]) -> SyscallCount {
+        let list: Vec<String> = with_descendants(pids).iter().map(u32::to_string).collect();
+        if list.is_empty() {
+            return SyscallCount(None);
+        }
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter",
+                "-p",
+                &list.join(","),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok();
+        SyscallCount(child)
+    }
+
+    fn stop(self) -> Option<u64> {
+        let child = self.0?;
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().ok()?;
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    }
+}
+
 fn rss_kib(pids: &[u32]) -> u64 {
     with_descendants(pids)
         .iter()
@@ -1070,6 +1148,15 @@ struct Sample {
     /// Payload per read of the load generator, and per WebSocket frame, in KiB.
     read_kib: f64,
     frame_kib: Option<f64>,
+    /// The proxy's system calls (counted by `perf stat` where it works) and context switches
+    /// (voluntary + involuntary) per MB of payload: what a proxy spends per byte besides
+    /// copying it, counted rather than timed, so steadier than CPU seconds.
+    syscalls_per_mb: Option<f64>,
+    switches_per_mb: Option<f64>,
+    /// Of those, the involuntary ones (preempted, not parked).
+    involuntary_switches_per_mb: Option<f64>,
+    /// Minor page faults per MB: fresh memory touched (a buffer malloc took from the kernel).
+    page_faults_per_mb: Option<f64>,
     /// Jain's fairness index of the sessions' throughput in the window (1 = all equal).
     fairness: f64,
     /// TCP connect + TLS handshake of the echo phase's connections, ms (TLS rows).
@@ -1134,6 +1221,9 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     let c = load.call(json!({"cmd": "connect", "urls": p.stream_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
     let load_pid = load.child.id();
+    let switches0 = context_switches(&p.pids);
+    let faults0 = minor_faults(&p.pids);
+    let calls = SyscallCount::start(&p.pids);
     let (cpu0, fake0, load0) = (
         cpu_seconds(&p.pids),
         cpu_seconds(&[fake_pid]),
@@ -1141,6 +1231,10 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     );
     let t = load.call(json!({"cmd": "throughput"}));
     let cpu = cpu_seconds(&p.pids) - cpu0;
+    let calls = calls.stop();
+    let switches1 = context_switches(&p.pids);
+    let faults = minor_faults(&p.pids) - faults0;
+    let switches = (switches1.0 - switches0.0, switches1.1 - switches0.1);
     let (fake_cpu, load_cpu) = (
         cpu_seconds(&[fake_pid]) - fake0,
         cpu_seconds(&[load_pid]) - load0,
@@ -1159,6 +1253,11 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     let window_share = WINDOW.as_secs_f64() / (WINDOW + WARMUP).as_secs_f64();
     if !p.pids.is_empty() && gb > 0.0 {
         s.cpu_s_per_gb = Some(cpu * window_share / gb);
+        let mb = gb * 1000.0;
+        s.syscalls_per_mb = calls.map(|c| c as f64 * window_share / mb);
+        s.switches_per_mb = Some((switches.0 + switches.1) as f64 * window_share / mb);
+        s.involuntary_switches_per_mb = Some(switches.1 as f64 * window_share / mb);
+        s.page_faults_per_mb = Some(faults as f64 * window_share / mb);
     }
     if gb > 0.0 {
         s.fake_cpu_s_per_gb = Some(fake_cpu * window_share / gb);
@@ -1682,7 +1781,7 @@ fn orchestrate() {
                     let phase = Instant::now();
                     let s = measure_stream(&mut load, fake_pid, p, n, echo);
                     eprintln!(
-                        "  round {round} {:<24} {:>8.1} MB/s  fair {:.3}  cpu {:>6} s/GB (fake {:.3}, load {:.3}; {:.0} KiB/read, {} KiB/frame)  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
+                        "  round {round} {:<24} {:>8.1} MB/s  fair {:.3}  cpu {:>6} s/GB (fake {:.3}, load {:.3}; {:.0} KiB/read, {} KiB/frame; {} syscalls/MB, {} switches/MB, {} involuntary, {} faults/MB)  rtt p50 {:>6.2} p99 {:>7.2} max {:>7.2} ms  idle {:>8} KiB/session  failed {}  ({:.1}s)",
                         p.name,
                         s.mb_s,
                         s.fairness,
@@ -1691,6 +1790,12 @@ fn orchestrate() {
                         s.load_cpu_s_per_gb.unwrap_or(f64::NAN),
                         s.read_kib,
                         s.frame_kib.map_or("-".into(), |k| format!("{k:.0}")),
+                        s.syscalls_per_mb.map_or("-".into(), |k| format!("{k:.1}")),
+                        s.switches_per_mb.map_or("-".into(), |k| format!("{k:.2}")),
+                        s.involuntary_switches_per_mb
+                            .map_or("-".into(), |k| format!("{k:.2}")),
+                        s.page_faults_per_mb
+                            .map_or("-".into(), |k| format!("{k:.1}")),
                         s.rtt_p50_ms,
                         s.rtt_p99_ms,
                         s.rtt_max_ms,
