@@ -1,3 +1,4 @@
+use super::limits::{FAIL_TABLE_MAX, FAIL_TABLE_SWEEP};
 use super::*;
 use hyper::header::HeaderValue;
 
