@@ -39,6 +39,14 @@ const GREETING: &[u8] = b"RFB 003.008\n";
 const CHUNK: usize = 64 * 1024;
 const ROUNDS: usize = 3;
 const WARMUP: Duration = Duration::from_millis(500);
+
+/// Warm-up before a throughput window with `n` sessions: when it starts, every socket on the
+/// way is full (the VNC side streamed since its viewer connected), and draining that backlog
+/// (hundreds of MB at N = 5000) is not the steady state the window measures. 0.2 ms a session
+/// on top of [`WARMUP`]: 0.66 s at N = 800, 1.5 s at N = 5000.
+fn warmup(n: usize) -> Duration {
+    WARMUP + Duration::from_micros(200 * n as u64)
+}
 const WINDOW: Duration = Duration::from_secs(2);
 /// Round trips are timed for this long: 4 s, as the independent measurement of issue 11 did.
 const RTT_WINDOW: Duration = Duration::from_secs(4);
@@ -449,7 +457,7 @@ async fn run_load() {
         let cmd: Value = serde_json::from_str(&line).expect("command");
         let reply = match cmd["cmd"].as_str().unwrap_or("") {
             "connect" => load_connect(&mut state, &cmd).await,
-            "throughput" => load_throughput(&mut state).await,
+            "throughput" => load_throughput(&mut state, &cmd).await,
             "rtt" => load_rtt(&mut state).await,
             "disconnect" => {
                 state.clients.clear();
@@ -531,7 +539,47 @@ async fn load_connect(state: &mut LoadState, cmd: &Value) -> Value {
         "handshake_p50_ms": percentile(&handshakes, 0.5), "handshake_p99_ms": percentile(&handshakes, 0.99)})
 }
 
-async fn load_throughput(state: &mut LoadState) -> Value {
+/// The proxy's (and the fake server's, and this process's) counters at one instant.
+struct Counters {
+    proxy_cpu: f64,
+    fake_cpu: f64,
+    load_cpu: f64,
+    switches: (u64, u64),
+    faults: u64,
+}
+
+impl Counters {
+    fn read(proxy: &[u32], fake: &[u32]) -> Counters {
+        Counters {
+            proxy_cpu: cpu_seconds_of(proxy),
+            fake_cpu: cpu_seconds_of(fake),
+            load_cpu: cpu_seconds_of(&[std::process::id()]),
+            switches: context_switches_of(proxy),
+            faults: minor_faults_of(proxy),
+        }
+    }
+}
+
+/// Streams for `warmup_ms`, then counts payload for [`WINDOW`]; the CPU seconds, context
+/// switches and page faults of `pids` (the proxy), `fake_pid` and this process are read at
+/// the window's two ends, so they cover exactly the bytes counted.
+async fn load_throughput(state: &mut LoadState, cmd: &Value) -> Value {
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_u64())
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Threads and children are found once, before the window, not at its edges.
+    let proxy = with_descendants(&ids(&cmd["pids"]));
+    let fake = ids(&cmd["fake_pids"]);
+    let warmup = cmd["warmup_ms"]
+        .as_u64()
+        .map_or(WARMUP, Duration::from_millis);
     let total = Arc::new(AtomicU64::new(0));
     let (reads, frames) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -566,12 +614,14 @@ async fn load_throughput(state: &mut LoadState) -> Value {
             }
         }));
     }
-    tokio::time::sleep(WARMUP).await;
+    tokio::time::sleep(warmup).await;
+    let before = Counters::read(&proxy, &fake);
     counting.store(true, Ordering::SeqCst);
     let start = Instant::now();
     tokio::time::sleep(WINDOW).await;
     counting.store(false, Ordering::SeqCst);
     let secs = start.elapsed().as_secs_f64();
+    let after = Counters::read(&proxy, &fake);
     let bytes = total.load(Ordering::SeqCst);
     stop.cancel();
     let mut per_session = Vec::new();
@@ -591,7 +641,12 @@ async fn load_throughput(state: &mut LoadState) -> Value {
     };
     let framing_errors: u64 = state.clients.iter().map(|c| c.counter.bad).sum();
     json!({"bytes": bytes, "framing_errors": framing_errors, "secs": secs, "mb_s": bytes as f64 / secs / 1e6,
-        "reads": reads.load(Ordering::SeqCst), "frames": frames.load(Ordering::SeqCst), "fairness": fairness})
+        "reads": reads.load(Ordering::SeqCst), "frames": frames.load(Ordering::SeqCst), "fairness": fairness,
+        "proxy_cpu_s": after.proxy_cpu - before.proxy_cpu, "fake_cpu_s": after.fake_cpu - before.fake_cpu,
+        "load_cpu_s": after.load_cpu - before.load_cpu,
+        "voluntary_switches": after.switches.0 - before.switches.0,
+        "involuntary_switches": after.switches.1 - before.switches.1,
+        "faults": after.faults - before.faults})
 }
 
 async fn load_rtt(state: &mut LoadState) -> Value {
@@ -750,8 +805,13 @@ fn with_descendants(pids: &[u32]) -> Vec<u32> {
 
 /// CPU seconds used so far by `pids`, their threads and their children, from schedstat.
 fn cpu_seconds(pids: &[u32]) -> f64 {
+    cpu_seconds_of(&with_descendants(pids))
+}
+
+/// CPU seconds used so far by exactly `pids` (all their threads).
+fn cpu_seconds_of(pids: &[u32]) -> f64 {
     let mut ns: u64 = 0;
-    for pid in with_descendants(pids) {
+    for &pid in pids {
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
             for t in tasks.filter_map(|t| t.ok()) {
                 if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
@@ -783,12 +843,9 @@ fn own_cpu_seconds() -> f64 {
     ticks as f64 / 100.0
 }
 
-/// Context switches (voluntary and involuntary) so far of `pids`, their threads and their
-/// children.
-/// Minor page faults so far of `pids` (all their threads) and their children.
-fn minor_faults(pids: &[u32]) -> u64 {
-    with_descendants(pids)
-        .iter()
+/// Minor page faults so far of exactly `pids` (all their threads).
+fn minor_faults_of(pids: &[u32]) -> u64 {
+    pids.iter()
         .map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // minflt is field 10, the 8th after the command name.
@@ -800,7 +857,8 @@ fn minor_faults(pids: &[u32]) -> u64 {
         .sum()
 }
 
-fn context_switches(pids: &[u32]) -> (u64, u64) {
+/// Context switches (voluntary, involuntary) so far of exactly `pids` (all their threads).
+fn context_switches_of(pids: &[u32]) -> (u64, u64) {
     let field = |text: &str, name: &str| -> u64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -808,7 +866,7 @@ fn context_switches(pids: &[u32]) -> (u64, u64) {
             .unwrap_or(0)
     };
     let mut switches = (0, 0);
-    for pid in with_descendants(pids) {
+    for &pid in pids {
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
             for t in tasks.filter_map(|t| t.ok()) {
                 let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
@@ -1220,25 +1278,13 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     }
     let c = load.call(json!({"cmd": "connect", "urls": p.stream_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
-    let load_pid = load.child.id();
-    let switches0 = context_switches(&p.pids);
-    let faults0 = minor_faults(&p.pids);
     let calls = SyscallCount::start(&p.pids);
-    let (cpu0, fake0, load0) = (
-        cpu_seconds(&p.pids),
-        cpu_seconds(&[fake_pid]),
-        cpu_seconds(&[load_pid]),
+    let t = load.call(
+        json!({"cmd": "throughput", "pids": p.pids, "fake_pids": [fake_pid],
+        "warmup_ms": warmup(n).as_millis() as u64}),
     );
-    let t = load.call(json!({"cmd": "throughput"}));
-    let cpu = cpu_seconds(&p.pids) - cpu0;
     let calls = calls.stop();
-    let switches1 = context_switches(&p.pids);
-    let faults = minor_faults(&p.pids) - faults0;
-    let switches = (switches1.0 - switches0.0, switches1.1 - switches0.1);
-    let (fake_cpu, load_cpu) = (
-        cpu_seconds(&[fake_pid]) - fake0,
-        cpu_seconds(&[load_pid]) - load0,
-    );
+    let num = |k: &str| t[k].as_f64().unwrap_or(0.0);
     load.call(json!({"cmd": "disconnect"}));
     s.mb_s = t["mb_s"].as_f64().unwrap_or(0.0);
     s.fairness = t["fairness"].as_f64().unwrap_or(f64::NAN);
@@ -1249,19 +1295,21 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     let frames = t["frames"].as_f64().unwrap_or(0.0);
     s.frame_kib = (frames > 0.0).then(|| payload_kib / frames);
     let gb = t["bytes"].as_f64().unwrap_or(0.0) / 1e9;
-    // CPU was measured over warm-up and window, bytes over the window: scale to the window.
-    let window_share = WINDOW.as_secs_f64() / (WINDOW + WARMUP).as_secs_f64();
+    // perf counted over warm-up and window, bytes over the window: scaled to the window. The
+    // rest was read at the window's edges.
+    let window_share = WINDOW.as_secs_f64() / (WINDOW + warmup(n)).as_secs_f64();
     if !p.pids.is_empty() && gb > 0.0 {
-        s.cpu_s_per_gb = Some(cpu * window_share / gb);
+        s.cpu_s_per_gb = Some(num("proxy_cpu_s") / gb);
         let mb = gb * 1000.0;
         s.syscalls_per_mb = calls.map(|c| c as f64 * window_share / mb);
-        s.switches_per_mb = Some((switches.0 + switches.1) as f64 * window_share / mb);
-        s.involuntary_switches_per_mb = Some(switches.1 as f64 * window_share / mb);
-        s.page_faults_per_mb = Some(faults as f64 * window_share / mb);
+        let (voluntary, involuntary) = (num("voluntary_switches"), num("involuntary_switches"));
+        s.switches_per_mb = Some((voluntary + involuntary) / mb);
+        s.involuntary_switches_per_mb = Some(involuntary / mb);
+        s.page_faults_per_mb = Some(num("faults") / mb);
     }
     if gb > 0.0 {
-        s.fake_cpu_s_per_gb = Some(fake_cpu * window_share / gb);
-        s.load_cpu_s_per_gb = Some(load_cpu * window_share / gb);
+        s.fake_cpu_s_per_gb = Some(num("fake_cpu_s") / gb);
+        s.load_cpu_s_per_gb = Some(num("load_cpu_s") / gb);
     }
     s
 }
