@@ -933,6 +933,13 @@ fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// Marks `pid` (and the children it forks later) as the first the OOM killer takes: websockify
+/// forks a ~150 MB process per connection, and at N = 800 the machine runs out of memory; the
+/// OOM killer then took the largest process, a vncgate daemon, and the run with it.
+fn oom_first(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
+}
+
 fn wait_port(port: u16, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -1710,6 +1717,7 @@ fn orchestrate() {
                             .stdin(Stdio::null())
                             .spawn()
                             .expect("websockify");
+                        oom_first(c.id());
                         pids.push(c.id());
                         children.push(c);
                         let url = format!("ws://127.0.0.1:{port}/");
@@ -1764,6 +1772,7 @@ fn orchestrate() {
                 .stdin(Stdio::null())
                 .spawn()
                 .expect("websockify");
+            oom_first(c.id());
             assert!(
                 wait_port(port, Duration::from_secs(20)),
                 "websockify did not start"
@@ -1797,6 +1806,7 @@ fn orchestrate() {
                     .stdin(Stdio::null())
                     .spawn()
                     .expect("websockify --cert");
+                oom_first(c.id());
                 assert!(
                     wait_port(port, Duration::from_secs(20)),
                     "websockify --cert did not start"
