@@ -889,15 +889,14 @@ impl SyscallCount {
         if list.is_empty() {
             return SyscallCount(None);
         }
+        // VNCGATE_BENCH_SYSCALLS=recvfrom,sendto,... also counts those calls one by one and
+        // prints them per MB (a diagnosis, not a figure).
+        let mut events = "raw_syscalls:sys_enter".to_string();
+        for name in breakdown_syscalls() {
+            events.push_str(&format!(",syscalls:sys_enter_{name}"));
+        }
         let child = Command::new("perf")
-            .args([
-                "stat",
-                "-x,",
-                "-e",
-                "raw_syscalls:sys_enter",
-                "-p",
-                &list.join(","),
-            ])
+            .args(["stat", "-x,", "-e", &events, "-p", &list.join(",")])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -905,18 +904,85 @@ impl SyscallCount {
         SyscallCount(child)
     }
 
-    fn stop(self) -> Option<u64> {
-        let child = self.0?;
+    /// The total, and each call of [`breakdown_syscalls`] by name.
+    fn stop(self) -> (Option<u64>, Vec<(String, u64)>) {
+        let Some(child) = self.0 else {
+            return (None, Vec::new());
+        };
         let _ = Command::new("kill")
             .args(["-INT", &child.id().to_string()])
             .status();
-        let out = child.wait_with_output().ok()?;
-        String::from_utf8_lossy(&out.stderr)
+        let Ok(out) = child.wait_with_output() else {
+            return (None, Vec::new());
+        };
+        let text = String::from_utf8_lossy(&out.stderr);
+        let count = |l: &str| {
+            l.split(',')
+                .next()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let total = text
             .lines()
             .find(|l| l.contains("raw_syscalls:sys_enter"))
-            .and_then(|l| l.split(',').next())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+            .and_then(count);
+        let each = text
+            .lines()
+            .filter_map(|l| {
+                let name = l.split("syscalls:sys_enter_").nth(1)?;
+                let name = name.split(',').next()?.to_string();
+                Some((name, count(l)?))
+            })
+            .collect();
+        (total, each)
     }
+}
+
+/// VNCGATE_BENCH_PROFILE=DIR: `perf record -g` of the proxy over its streaming phase, one
+/// file per proxy and round in DIR (a diagnosis, not a figure).
+fn profile_start(pids: &[u32], name: &str, n: usize) -> Option<std::process::Child> {
+    let dir = std::env::var("VNCGATE_BENCH_PROFILE").ok()?;
+    let list: Vec<String> = with_descendants(pids).iter().map(u32::to_string).collect();
+    if list.is_empty() {
+        return None;
+    }
+    static ROUND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = format!("{dir}/{name}-{n}-{k}.data");
+    Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "999",
+            "-g",
+            "-o",
+            &out,
+            "-p",
+            &list.join(","),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+fn profile_stop(child: Option<std::process::Child>) {
+    if let Some(child) = child {
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let _ = child.wait_with_output();
+    }
+}
+
+fn breakdown_syscalls() -> Vec<String> {
+    std::env::var("VNCGATE_BENCH_SYSCALLS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .map(String::from)
+        .collect()
 }
 
 fn rss_kib(pids: &[u32]) -> u64 {
@@ -1286,11 +1352,13 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     let c = load.call(json!({"cmd": "connect", "urls": p.stream_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
     let calls = SyscallCount::start(&p.pids);
+    let profile = profile_start(&p.pids, p.name, n);
     let t = load.call(
         json!({"cmd": "throughput", "pids": p.pids, "fake_pids": [fake_pid],
         "warmup_ms": warmup(n).as_millis() as u64}),
     );
-    let calls = calls.stop();
+    let (calls, each_call) = calls.stop();
+    profile_stop(profile);
     let num = |k: &str| t[k].as_f64().unwrap_or(0.0);
     load.call(json!({"cmd": "disconnect"}));
     s.mb_s = t["mb_s"].as_f64().unwrap_or(0.0);
@@ -1309,6 +1377,13 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
         s.cpu_s_per_gb = Some(num("proxy_cpu_s") / gb);
         let mb = gb * 1000.0;
         s.syscalls_per_mb = calls.map(|c| c as f64 * window_share / mb);
+        if !each_call.is_empty() {
+            let list: Vec<String> = each_call
+                .iter()
+                .map(|(name, c)| format!("{name} {:.1}", *c as f64 * window_share / mb))
+                .collect();
+            eprintln!("    {}: system calls per MB: {}", p.name, list.join(", "));
+        }
         let (voluntary, involuntary) = (num("voluntary_switches"), num("involuntary_switches"));
         s.switches_per_mb = Some((voluntary + involuntary) / mb);
         s.involuntary_switches_per_mb = Some(involuntary / mb);
