@@ -16,6 +16,9 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+mod render;
+use render::{encode_path_segment, human_bytes, pretty, table, text};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
@@ -415,108 +418,5 @@ impl ApiClient {
     }
 }
 
-fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-/// Left-aligned columns separated by two spaces.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
-    };
-    line(headers.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
-}
-
-/// vm_ids are `[A-Za-z0-9._:-]`; anything else is percent-encoded so the API can refuse it.
-fn encode_path_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn api_addresses() {
-        let c = ApiClient::new("https://vncgate.example:6443/console/", None, None)
-            .expect("https with a prefix");
-        assert_eq!(
-            (
-                c.host.as_str(),
-                c.port,
-                c.authority.as_str(),
-                c.prefix.as_str()
-            ),
-            ("vncgate.example", 6443, "vncgate.example:6443", "/console")
-        );
-        let c = ApiClient::new("http://[::1]:6080", None, None).expect("IPv6");
-        assert_eq!(
-            (c.host.as_str(), c.port, c.prefix.as_str()),
-            ("::1", 6080, "")
-        );
-        let c = ApiClient::new("https://h", None, None).expect("default port");
-        assert_eq!(c.port, 443);
-        for bad in ["ftp://h:1", "h:6080", "http://", ""] {
-            assert!(ApiClient::new(bad, None, None).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn tables_align() {
-        let t = table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]);
-        assert_eq!(t, "A    BB\nxyz  1\n");
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(10 * 1024 * 1024), "10.0 MiB");
-    }
-}
+mod tests;
