@@ -17,7 +17,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{tcp, unix};
 
 mod read_side;
-pub mod spare;
 
 pub use read_side::ReadSide;
 

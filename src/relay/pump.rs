@@ -104,7 +104,7 @@ where
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                read = server_rx.read_spare(&mut buf, want, ws::HEADROOM, SETTLE_READ) => match read {
+                read = server_rx.read_lazy(&mut buf, want, ws::HEADROOM, SETTLE_READ) => match read {
                     Ok(0) => return PumpEnd::ServerClosed,
                     Ok(n) => {
                         last_data.store(elapsed_ms(), Ordering::Relaxed);
@@ -116,19 +116,18 @@ where
                             // The server has more: read more at once next time.
                             let grown = (want * 2).min(MAX_READ);
                             if grown > want {
-                                // Another buffer rather than a realloc, which would copy the
+                                // A new buffer rather than a realloc, which would copy the
                                 // old one's bytes (measured: 5% of the daemon's CPU).
-                                ws::spare::give(std::mem::take(&mut buf));
+                                buf = BytesMut::new();
                                 want = grown;
                             } else {
                                 buf.truncate(ws::HEADROOM);
                             }
                         } else {
-                            // Drained: hand the buffer to the thread's spares, whose warm
-                            // memory the next reader takes. That beats hundreds of viewers
-                            // each keeping a large one (measured at N=800) and a malloc and
-                            // free per frame (measured at N=5000), and idle viewers hold none.
-                            ws::spare::give(std::mem::take(&mut buf));
+                            // Drained: give the buffer back. malloc hands the same warm block
+                            // to the next reader, which beats hundreds of viewers each keeping
+                            // a large one (measured at N=800), and idle viewers hold none.
+                            buf = BytesMut::new();
                             want = MIN_READ;
                         }
                     }

@@ -76,16 +76,11 @@ fn read_ready<S: ReadySocket>(
     want: usize,
     prefix: usize,
     settle: usize,
-    fresh_from: Fresh,
 ) -> io::Result<usize> {
     // A full read must never count as draining the socket: with edge-triggered readiness the
     // rest would wait for the peer's next send.
     debug_assert!(settle <= want, "settle {settle} > want {want}");
     let mut drained = None;
-    if buf.capacity() == 0 && fresh_from == Fresh::Spare {
-        // A warm buffer of this thread: read straight into it, one read, no copy.
-        *buf = spare::take(prefix + want);
-    }
     let fresh = buf.capacity() == 0;
     let result = socket.with_readiness(|| {
         let n = if fresh {
@@ -133,17 +128,6 @@ fn read_ready<S: ReadySocket>(
     }
 }
 
-/// Where a read into an unallocated buffer gets its memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fresh {
-    /// The thread's scratch buffer first, then a buffer of the size read: for readers that
-    /// keep or split what they read.
-    Scratch,
-    /// A spare buffer of the thread ([`spare::take`]), which the caller hands back with
-    /// [`spare::give`] once the frame is sent.
-    Spare,
-}
-
 impl ReadSide {
     /// Waits for data, then reads up to `want` bytes into `buf` (which may start empty and
     /// unallocated) after its first `prefix` bytes (zeroed room kept for a frame header).
@@ -156,45 +140,17 @@ impl ReadSide {
         prefix: usize,
         settle: usize,
     ) -> io::Result<usize> {
-        self.read_into(buf, want, prefix, settle, Fresh::Scratch)
-            .await
-    }
-
-    /// As [`ReadSide::read_lazy`], but an unallocated `buf` becomes one of the thread's spare
-    /// buffers once data is there; the caller hands it back with [`spare::give`] when the frame
-    /// is sent. For a relay that streams: one read per frame, no allocation per frame.
-    pub async fn read_spare(
-        &mut self,
-        buf: &mut BytesMut,
-        want: usize,
-        prefix: usize,
-        settle: usize,
-    ) -> io::Result<usize> {
-        self.read_into(buf, want, prefix, settle, Fresh::Spare)
-            .await
-    }
-
-    async fn read_into(
-        &mut self,
-        buf: &mut BytesMut,
-        want: usize,
-        prefix: usize,
-        settle: usize,
-        fresh_from: Fresh,
-    ) -> io::Result<usize> {
         loop {
             let read = match self {
                 ReadSide::Tcp(r) => {
                     r.readable().await?;
-                    read_ready(r.as_ref(), buf, want, prefix, settle, fresh_from)
+                    read_ready(r.as_ref(), buf, want, prefix, settle)
                 }
                 ReadSide::Unix(r) => {
                     r.readable().await?;
-                    read_ready(r.as_ref(), buf, want, prefix, settle, fresh_from)
+                    read_ready(r.as_ref(), buf, want, prefix, settle)
                 }
-                ReadSide::Stream(r) => {
-                    return read_stream(r.as_mut(), buf, want, prefix, fresh_from).await;
-                }
+                ReadSide::Stream(r) => return read_stream(r.as_mut(), buf, want, prefix).await,
             };
             match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -212,16 +168,12 @@ async fn read_stream(
     buf: &mut BytesMut,
     want: usize,
     prefix: usize,
-    fresh_from: Fresh,
 ) -> io::Result<usize> {
     std::future::poll_fn(|cx| {
         SCRATCH.with_borrow_mut(|scratch| {
             let mut chunk = ReadBuf::new(&mut scratch[..want.clamp(1, STREAM_READ)]);
             std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut chunk))?;
             let got = chunk.filled();
-            if buf.capacity() == 0 && fresh_from == Fresh::Spare && !got.is_empty() {
-                *buf = spare::take(prefix + want.min(STREAM_READ));
-            }
             append(buf, prefix, got);
             std::task::Poll::Ready(Ok(got.len()))
         })
