@@ -13,7 +13,9 @@
 //! each state commit's duration and batch size), `VNCGATE_BENCH_RTT_ONLY=1` (round trips only,
 //! relay against vncgate), `VNCGATE_BENCH_NO_TLS=1` (skip the TLS rows),
 //! `VNCGATE_BENCH_BASELINE_EXE=path` (another vncgate build measured beside this one in the same
-//! run, rows `vncgate-baseline`: the A/B of a change), `VNCGATE_BENCH_NO_PUBLIC=1` (skip the
+//! run, rows `vncgate-baseline`: the A/B of a change), `VNCGATE_BENCH_SYSCALLS=recvfrom,...`
+//! (those system calls counted one by one, per MB), `VNCGATE_BENCH_PROFILE=DIR` (a `perf
+//! record -g` of each proxy's streaming phase), `VNCGATE_BENCH_NO_PUBLIC=1` (skip the
 //! public-port rows).
 //!
 //! Rows `vncgate-public`: a third daemon with `--public-listen --session-ports off`, every
