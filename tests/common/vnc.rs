@@ -170,11 +170,11 @@ impl Xvnc {
     async fn launch(dir: &Path, desktop_name: &str, security: &[&str]) -> Xvnc {
         let socket = dir.join("xvnc.sock");
         // A display number nobody uses; Xvnc refuses one whose lock exists, so try the next.
+        // Locks left by X servers that were killed (SIGKILL skips their cleanup) are removed, as
+        // an X server does itself, so they cannot pile up over runs and exhaust the range.
         for n in 0..200u32 {
             let display = 140 + (std::process::id() % 400) + n;
-            if Path::new(&format!("/tmp/.X{display}-lock")).exists()
-                || Path::new(&format!("/tmp/.X11-unix/X{display}")).exists()
-            {
+            if !display_free(display) {
                 continue;
             }
             let child = Command::new("Xvnc")
@@ -314,6 +314,48 @@ impl Qemu {
         Qemu {
             socket,
             _proc: proc,
+        }
+    }
+}
+
+/// Whether display `:n` can be given to a new Xvnc. A lock whose process is gone is stale: it
+/// and the display's socket are removed and the display is free.
+fn display_free(n: u32) -> bool {
+    let lock = format!("/tmp/.X{n}-lock");
+    let socket = format!("/tmp/.X11-unix/X{n}");
+    match std::fs::read_to_string(&lock) {
+        Ok(text) => {
+            // An X server writes its lock under another name and links it into place, so the
+            // pid is always there; anything unreadable is left alone.
+            let alive = text
+                .trim()
+                .parse::<u32>()
+                .map_or(true, |pid| Path::new(&format!("/proc/{pid}")).exists());
+            if alive {
+                return false;
+            }
+            let _ = std::fs::remove_file(&lock);
+            let _ = std::fs::remove_file(&socket);
+            true
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => false,
+        Err(_) => !Path::new(&socket).exists(),
+    }
+}
+
+impl Drop for Xvnc {
+    /// Stops the X clients, then the server with SIGTERM so it removes its lock and sockets
+    /// (SIGKILL, the fallback after 5 s, would leave them behind).
+    fn drop(&mut self) {
+        self.clients.clear();
+        let pid = self._server.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) | Err(_) = self._server.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
