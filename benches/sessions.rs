@@ -16,7 +16,9 @@
 //! run, rows `vncgate-baseline`: the A/B of a change), `VNCGATE_BENCH_SYSCALLS=recvfrom,...`
 //! (those system calls counted one by one, per MB), `VNCGATE_BENCH_PROFILE=DIR` (a `perf
 //! record -g` of each proxy's streaming phase), `VNCGATE_BENCH_NO_PUBLIC=1` (skip the
-//! public-port rows).
+//! public-port rows), `VNCGATE_BENCH_BASELINE_PUBLIC=1` (the baseline build serves through its
+//! public port with `--session-ports off`, at every N, and the A/B compares it with
+//! `vncgate-public`).
 //!
 //! Rows `vncgate-public`: a third daemon with `--public-listen --session-ports off`, every
 //! viewer through its one public port (`/s/{vm_id}/websockify`), at every N including 5000
@@ -63,6 +65,7 @@ const TLS_POOL_FIRST: u16 = 24_000;
 const TLS_API_PORT: u16 = 24_990;
 const BASELINE_POOL_FIRST: u16 = 25_000;
 const BASELINE_API_PORT: u16 = 25_990;
+const BASELINE_PUBLIC_PORT: u16 = 25_980;
 /// The public-port daemon's API and public port (its pool range is never bound).
 const PUBLIC_POOL_FIRST: u16 = 26_000;
 const PUBLIC_API_PORT: u16 = 26_990;
@@ -1527,12 +1530,26 @@ fn orchestrate() {
         )
     });
     let baseline_exe = std::env::var("VNCGATE_BENCH_BASELINE_EXE").ok();
+    // With VNCGATE_BENCH_BASELINE_PUBLIC the other build serves through its public port with
+    // --session-ports off, so the A/B reaches past the pool (N = 5000).
+    let baseline_public = std::env::var_os("VNCGATE_BENCH_BASELINE_PUBLIC").is_some();
     let mut baseline_daemon = baseline_exe.as_deref().map(|b| {
+        let (max, extra) = if baseline_public {
+            let extra = [
+                "--public-listen".to_string(),
+                format!("127.0.0.1:{BASELINE_PUBLIC_PORT}"),
+                "--session-ports".into(),
+                "off".into(),
+            ];
+            (10_000, extra.to_vec())
+        } else {
+            (POOL_SESSIONS, Vec::new())
+        };
         spawn_daemon(
             b,
-            (BASELINE_API_PORT, BASELINE_POOL_FIRST, POOL_SESSIONS),
+            (BASELINE_API_PORT, BASELINE_POOL_FIRST, max),
             &state_dir.join("baseline"),
-            &[],
+            &extra,
         )
     });
     let daemon_pid = daemon.id();
@@ -1759,7 +1776,10 @@ fn orchestrate() {
                 children: vec![],
             });
         }
-        if let Some(baseline) = baseline_daemon.as_ref().filter(|_| pooled) {
+        if let Some(baseline) = baseline_daemon
+            .as_ref()
+            .filter(|_| pooled || baseline_public)
+        {
             open_on(BASELINE_API_PORT, n, &targets.0);
             let urls = ws_urls_on(BASELINE_API_PORT);
             proxies.push(Proxy {
@@ -1989,8 +2009,12 @@ fn orchestrate() {
             }));
         }
         // A/B of this build against the baseline build, round by round (plain rows).
-        if let (Some(new), Some(old)) =
-            (per_proxy.get("vncgate"), per_proxy.get("vncgate-baseline"))
+        let ab_name = if baseline_public {
+            "vncgate-public"
+        } else {
+            "vncgate"
+        };
+        if let (Some(new), Some(old)) = (per_proxy.get(ab_name), per_proxy.get("vncgate-baseline"))
         {
             let ratio = |f: &dyn Fn(&Sample) -> f64| {
                 median_spread(
@@ -2011,7 +2035,7 @@ fn orchestrate() {
                 }),
             );
             eprintln!(
-                "  A/B vncgate / vncgate-baseline: throughput {:.3}x ({:.3}-{:.3}), CPU per GB {:.3}x, RTT p99 {:.3}x",
+                "  A/B {ab_name} / vncgate-baseline: throughput {:.3}x ({:.3}-{:.3}), CPU per GB {:.3}x, RTT p99 {:.3}x",
                 mb.0, mb.1, mb.2, cpu.0, p99.0
             );
         }
@@ -2023,9 +2047,12 @@ fn orchestrate() {
             if tls_daemon.is_some() {
                 close_on(TLS_API_PORT, n);
             }
-            if baseline_daemon.is_some() {
+            if baseline_daemon.is_some() && !baseline_public {
                 close_on(BASELINE_API_PORT, n);
             }
+        }
+        if baseline_daemon.is_some() && baseline_public {
+            close_on(BASELINE_API_PORT, n);
         }
         if public_daemon.is_some() {
             close_on(PUBLIC_API_PORT, n);

@@ -342,7 +342,7 @@ async fn serve_viewer(
     }
 }
 
-async fn relay_viewer<W: AsyncWrite + Unpin>(
+async fn relay_viewer<W: AsyncWrite + Unpin + Send>(
     reader: FrameReader,
     writer: FrameWriter<W>,
     peer: Peer,
