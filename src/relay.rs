@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use crate::target::{CONNECT_TIMEOUT, Target, TargetStream, describe_connect_error};
 use crate::ws::{self, Event, FrameReader, FrameWriter, ReadSide, WsError};
 
-mod gate;
 mod pump;
 use pump::pump;
 
@@ -207,7 +206,7 @@ impl<W: AsyncWrite + Unpin> ClientConn<W> {
 
 /// Connects to `target` (`on_connected` gets how long that took) and relays until either side closes or `cancel` fires; on cancel the
 /// viewer gets the close `cancel_reason` returns (it knows why the session cancelled).
-pub async fn run_relay<W: AsyncWrite + Unpin + Send>(
+pub async fn run_relay<W: AsyncWrite + Unpin>(
     client: &mut ClientConn<W>,
     target: &Target,
     on_connected: impl FnOnce(Duration),

@@ -342,7 +342,7 @@ async fn serve_viewer(
     }
 }
 
-async fn relay_viewer<W: AsyncWrite + Unpin + Send>(
+async fn relay_viewer<W: AsyncWrite + Unpin>(
     reader: FrameReader,
     writer: FrameWriter<W>,
     peer: Peer,

@@ -1,7 +1,6 @@
 //! The relay's pump: both directions of one viewer's connection, its keepalive and idle
 //! timers, until one side ends.
 
-use super::gate::first_of;
 use super::*;
 
 /// Most client messages gathered into one write to the VNC server.
@@ -84,8 +83,8 @@ pub(super) async fn pump<C, W>(
     settings: RelaySettings,
 ) -> PumpEnd
 where
-    C: AsyncWrite + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
+    C: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let start = Instant::now();
     let elapsed_ms = || start.elapsed().as_millis() as u64;
@@ -223,16 +222,12 @@ where
         }
     };
 
-    // Each polled only when its own waker fired (see `gate`): a wake-up for the VNC socket
-    // does not also poll the cancel token, the timers and the viewer's read side.
-    let outcome = {
-        let cancelled = std::pin::pin!(async {
-            cancel.cancelled().await;
-            PumpEnd::Cancelled
-        });
-        let (to_client, to_server) = (std::pin::pin!(to_client), std::pin::pin!(to_server));
-        let (keepalive, idle) = (std::pin::pin!(keepalive), std::pin::pin!(idle));
-        first_of([cancelled, to_client, to_server, keepalive, idle]).await
+    let outcome = tokio::select! {
+        o = to_client => o,
+        o = to_server => o,
+        o = keepalive => o,
+        o = idle => o,
+        _ = cancel.cancelled() => PumpEnd::Cancelled,
     };
     // Hand EOF to the VNC server now rather than when the halves drop at return.
     let _ = server_tx.shutdown().await;
