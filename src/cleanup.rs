@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::metrics::CloseCause;
 use crate::registry::SessionRegistry;
-use crate::session::{lock, rfc3339, wall_now};
+use crate::session::{Session, lock, rfc3339, wall_now};
 use crate::target::{Target, TargetStream};
 
 /// A check must connect and read the greeting within this.
@@ -50,11 +50,27 @@ pub struct CleanupReport {
 }
 
 /// A target failing since: tokio's clock for the span, the wall clock for the report.
+///
+/// It belongs to one session (not to its vm_id) and one target generation: a session closed
+/// and opened again under the same vm_id between two passes, or retargeted away and back,
+/// starts over rather than inheriting the old failure time and being closed at its first
+/// check. (A token revocation also starts a new generation, so it starts over too.)
 #[derive(Debug, Clone)]
 struct Failing {
+    /// The session the record is about; a `Weak` keeps its allocation, so no later session
+    /// can have the same address while the record exists.
+    session: Weak<Session>,
     target: Target,
+    generation: u64,
     since: Instant,
     since_wall: SystemTime,
+}
+
+impl Failing {
+    /// Whether this record is about `session` at target `generation`.
+    fn is_for(&self, session: &Arc<Session>, generation: u64) -> bool {
+        std::ptr::eq(self.session.as_ptr(), Arc::as_ptr(session)) && self.generation == generation
+    }
 }
 
 /// The cleanup of one daemon: what has been failing, and the last report.
@@ -63,7 +79,7 @@ pub struct Cleanup {
     /// The daemon's shutdown: a pass in progress (periodic or from the API) stops probing.
     stop: CancellationToken,
     stale_after: Duration,
-    /// By vm_id; an entry for another target (retargeted) starts over.
+    /// By vm_id; an entry for another session or target generation starts over.
     failing: Mutex<HashMap<String, Failing>>,
     /// One pass at a time; a caller that waited for a running pass takes its report.
     running: tokio::sync::Mutex<()>,
@@ -141,11 +157,11 @@ impl Cleanup {
             .filter(|s| s.viewer_count() == 0)
             .collect();
         let checked = idle.len();
-        let results: Vec<(String, Target, bool)> = futures_util::stream::iter(idle)
+        let results: Vec<(Arc<Session>, Target, u64, bool)> = futures_util::stream::iter(idle)
             .map(|s| async move {
-                let target = s.target();
-                let ok = probe(&target).await;
-                (s.vm_id.clone(), target, ok)
+                let ticket = s.ticket();
+                let ok = probe(&ticket.target).await;
+                (s, ticket.target, ticket.generation, ok)
             })
             .buffer_unordered(MAX_PROBES)
             .take_until(self.stop.cancelled())
@@ -164,28 +180,28 @@ impl Cleanup {
         let mut stale = Vec::new();
         {
             let mut failing = lock(&self.failing);
-            // Sessions that are gone, or have a viewer now, start over next time.
-            failing.retain(|vm_id, _| {
-                self.registry
-                    .get(vm_id)
-                    .is_some_and(|s| s.viewer_count() == 0)
+            // Sessions that are gone (or were replaced), or have a viewer now, start over.
+            failing.retain(|vm_id, entry| {
+                self.registry.get(vm_id).is_some_and(|s| {
+                    std::ptr::eq(entry.session.as_ptr(), Arc::as_ptr(&s)) && s.viewer_count() == 0
+                })
             });
-            for (vm_id, target, ok) in results {
+            for (session, target, generation, ok) in results {
+                let vm_id = session.vm_id.clone();
                 if ok {
                     failing.remove(&vm_id);
                     continue;
                 }
-                let entry = failing.entry(vm_id.clone()).or_insert_with(|| Failing {
+                let fresh = || Failing {
+                    session: Arc::downgrade(&session),
                     target: target.clone(),
+                    generation,
                     since: now,
                     since_wall: wall_now(),
-                });
-                if entry.target != target {
-                    *entry = Failing {
-                        target: target.clone(),
-                        since: now,
-                        since_wall: wall_now(),
-                    };
+                };
+                let entry = failing.entry(vm_id.clone()).or_insert_with(fresh);
+                if !entry.is_for(&session, generation) {
+                    *entry = fresh();
                 }
                 if now.duration_since(entry.since) >= self.stale_after {
                     stale.push((vm_id, entry.clone()));
@@ -194,16 +210,23 @@ impl Cleanup {
         }
         let mut closed = Vec::new();
         for (vm_id, failing) in stale {
-            // A viewer that connected during the pass keeps the session.
+            // A viewer that connected during the pass keeps the session, and a session that was
+            // replaced or retargeted meanwhile is not the one that failed.
             let Some(session) = self.registry.get(&vm_id) else {
                 continue;
             };
-            if session.viewer_count() > 0 || session.target() != failing.target {
+            let unchanged = |s: &Session| {
+                std::ptr::eq(failing.session.as_ptr(), s)
+                    && s.ticket().generation == failing.generation
+            };
+            if session.viewer_count() > 0 || !unchanged(&session) {
                 continue;
             }
             match self
                 .registry
-                .close_if(&vm_id, CloseCause::TargetGone, |s| s.viewer_count() == 0)
+                .close_if(&vm_id, CloseCause::TargetGone, |s| {
+                    s.viewer_count() == 0 && unchanged(s)
+                })
                 .await
             {
                 Ok(true) => {

@@ -134,6 +134,51 @@ async fn stale_sessions_close_after_stale_after_and_live_ones_stay() {
     let _ = std::fs::remove_file(&back_path);
 }
 
+/// A record of failures belongs to one session and one target, not to a vm_id: a console
+/// closed and opened again (a VM rebooted) between two passes, or retargeted away and back,
+/// gets its full --stale-after before it is closed.
+#[tokio::test(start_paused = true)]
+async fn a_reopened_or_retargeted_session_does_not_inherit_old_failures() {
+    let mut gate = TestGate::start_with(4, |c| {
+        c.cleanup_interval = None;
+        c.stale_after = Duration::from_secs(60);
+    })
+    .await;
+    gate.http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    let dead = "127.0.0.1:1";
+    let elsewhere = FakeVnc::tcp(Mode::Echo).await;
+    gate.open_ok("vm-reboot", dead).await;
+    gate.open_ok("vm-moved", dead).await;
+    let (_, first) = gate.call("POST", "/v1/cleanup", None).await;
+    assert_eq!(first["closed"], serde_json::json!([]), "{first}");
+    tokio::time::advance(Duration::from_secs(90)).await;
+    // Both have failed for 90 s, past --stale-after. Now vm-reboot is closed and opened again
+    // with the same target, and vm-moved is retargeted away and back.
+    let (code, _) = gate.call("DELETE", "/v1/sessions/vm-reboot", None).await;
+    assert_eq!(code, 204);
+    gate.open_ok("vm-reboot", dead).await;
+    gate.open_ok("vm-moved", &elsewhere.target).await;
+    gate.open_ok("vm-moved", dead).await;
+    let (_, second) = gate.call("POST", "/v1/cleanup", None).await;
+    assert_eq!(
+        second["closed"],
+        serde_json::json!([]),
+        "neither has failed for 60 s in its new form: {second}"
+    );
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let (_, third) = gate.call("POST", "/v1/cleanup", None).await;
+    let mut closed: Vec<&str> = third["closed"]
+        .as_array()
+        .expect("closed")
+        .iter()
+        .filter_map(|c| c["vm_id"].as_str())
+        .collect();
+    closed.sort_unstable();
+    assert_eq!(closed, ["vm-moved", "vm-reboot"], "{third}");
+}
+
 /// The periodic pass runs by itself every --cleanup-interval.
 #[tokio::test(start_paused = true)]
 async fn the_periodic_pass_closes_a_dead_target_by_itself() {
