@@ -237,7 +237,26 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(refuse_declared_oversize))
         .with_state(state)
+}
+
+/// A body declared larger than [`MAX_BODY`] is refused at once, as one that arrives too large
+/// would be, rather than after waiting for bytes that could never be taken.
+async fn refuse_declared_oversize(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024))
+            .into_response();
+    }
+    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

@@ -66,7 +66,7 @@ pub enum CloseReason {
     MessageTooBig(String),
     /// 1002: the client broke RFC 6455 framing; the text says how.
     ProtocolError(String),
-    /// 1007: text that must be UTF-8 (a close reason) is not.
+    /// 1007: text that must be UTF-8 (a text message, a close reason) is not.
     InvalidData(String),
 }
 
@@ -164,7 +164,7 @@ pub struct ClientConn<W> {
 
 impl CloseReason {
     /// The close a viewer gets for a frame-reader error (RFC 6455 section 7.4.1): 1009 for a
-    /// frame over the limit, 1007 for a non-UTF-8 close reason, 1002 for any other breach of
+    /// frame over the limit, 1007 for non-UTF-8 text or close reason, 1002 for any other breach of
     /// the protocol (an I/O error also ends as 1002, though nobody is left to read it).
     pub fn for_client_error(err: &WsError) -> CloseReason {
         match err {

@@ -51,6 +51,11 @@ impl std::str::FromStr for Target {
             }
             return Ok(Target::Unix(PathBuf::from(path)));
         }
+        if s.contains("://") {
+            return Err(err(
+                "a target is host:port, [IPv6]:port or unix:/path, not a URL",
+            ));
+        }
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (v6, port) = rest
                 .split_once("]:")
@@ -76,8 +81,10 @@ impl std::str::FromStr for Target {
             }
             (host, port)
         };
+        // Digits only: `parse` would also take a sign (`host:+5900`).
+        let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
         let port = match port.parse::<u16>() {
-            Ok(p) if p >= 1 => p,
+            Ok(p) if p >= 1 && digits => p,
             _ => return Err(err("the port must be a number from 1 to 65535")),
         };
         Ok(Target::Tcp {
@@ -165,6 +172,9 @@ mod tests {
             "unix:relative.sock",
             "a b:5900",
             "host:port",
+            "127.0.0.1:+5900",
+            "127.0.0.1: 5900",
+            "http://host:5900",
             "",
         ];
         for input in bad {
@@ -173,5 +183,10 @@ mod tests {
                 "{input} should be refused"
             );
         }
+        let url = "vnc://host:5900".parse::<Target>().err().map(|e| e.reason);
+        assert_eq!(
+            url,
+            Some("a target is host:port, [IPv6]:port or unix:/path, not a URL")
+        );
     }
 }

@@ -151,6 +151,9 @@ pub struct FrameReader {
     /// Whether the frame being read ends its message.
     fin: bool,
     max_frame: u64,
+    /// The unfinished UTF-8 sequence (at most 3 bytes) at the end of the text read so far:
+    /// text is not relayed, but must be UTF-8 across its frames (RFC 6455 section 8.1).
+    text_carry: Vec<u8>,
 }
 
 /// XORs `data`, which starts `offset` bytes into its frame's payload, with the frame's mask,
@@ -180,6 +183,7 @@ impl FrameReader {
             message: None,
             fin: true,
             max_frame,
+            text_carry: Vec::new(),
         }
     }
 
@@ -214,13 +218,13 @@ impl FrameReader {
                 }
                 ReadState::Payload { left, .. } => {
                     if left == 0 {
-                        self.end_frame();
+                        self.end_frame()?;
                         continue;
                     }
                     if self.buf.is_empty() {
                         self.fill().await?;
                     }
-                    if let Some(chunk) = self.take_payload() {
+                    if let Some(chunk) = self.take_payload()? {
                         return Ok(Event::Data(chunk));
                     }
                 }
@@ -243,16 +247,17 @@ impl FrameReader {
                     }
                     self.start_data_frame(head)?;
                 }
-                ReadState::Payload { left: 0, .. } => self.end_frame(),
+                ReadState::Payload { left: 0, .. } => self.end_frame()?,
                 ReadState::Payload { binary: false, .. } => return Ok(None),
                 ReadState::Payload { .. } if self.buf.is_empty() => return Ok(None),
-                ReadState::Payload { .. } => return Ok(self.take_payload()),
+                ReadState::Payload { .. } => return self.take_payload(),
             }
         }
     }
 
-    /// The buffered part of the current frame's payload, unmasked; `None` for text (skipped).
-    fn take_payload(&mut self) -> Option<BytesMut> {
+    /// The buffered part of the current frame's payload, unmasked; `None` for text, which is
+    /// only checked to be UTF-8, then dropped.
+    fn take_payload(&mut self) -> Result<Option<BytesMut>, WsError> {
         let ReadState::Payload {
             left,
             mask,
@@ -260,7 +265,7 @@ impl FrameReader {
             binary,
         } = self.state
         else {
-            return None;
+            return Ok(None);
         };
         let n = (left as usize).min(self.buf.len());
         let mut chunk = self.buf.split_to(n);
@@ -271,20 +276,47 @@ impl FrameReader {
             offset: offset + n,
             binary,
         };
-        if left == 0 {
-            self.end_frame();
+        unmask(&mut chunk, mask, offset);
+        if !binary {
+            self.check_text(&chunk)?;
         }
-        binary.then(|| {
-            unmask(&mut chunk, mask, offset);
-            chunk
-        })
+        if left == 0 {
+            self.end_frame()?;
+        }
+        Ok(binary.then_some(chunk))
     }
 
-    fn end_frame(&mut self) {
+    /// Checks the next piece of a text message; an unfinished sequence at its end waits for
+    /// the next piece.
+    fn check_text(&mut self, piece: &[u8]) -> Result<(), WsError> {
+        let joined;
+        let text = if self.text_carry.is_empty() {
+            piece
+        } else {
+            joined = [&self.text_carry[..], piece].concat();
+            &joined[..]
+        };
+        match std::str::from_utf8(text) {
+            Ok(_) => self.text_carry.clear(),
+            Err(e) if e.error_len().is_none() => {
+                self.text_carry = text[e.valid_up_to()..].to_vec();
+            }
+            Err(_) => return Err(WsError::InvalidUtf8("text message is not UTF-8")),
+        }
+        Ok(())
+    }
+
+    fn end_frame(&mut self) -> Result<(), WsError> {
         if self.fin {
             self.message = None;
+            if !self.text_carry.is_empty() {
+                return Err(WsError::InvalidUtf8(
+                    "text message ends inside a UTF-8 sequence",
+                ));
+            }
         }
         self.state = ReadState::Header;
+        Ok(())
     }
 
     /// Checks a parsed header; a control frame is read whole and returned, a data frame

@@ -120,6 +120,8 @@ async fn bad_input_gets_400_and_changes_nothing() {
             (json("vm-x", "::1:5900"), "brackets"),
             (json("vm-x", "unix:relative"), "absolute path"),
             (json("vm-keep", "nonsense"), "missing port"),
+            (json("vm-x", "127.0.0.1:+5900"), "port must be"),
+            (json("vm-x", "vnc://host:5900"), "not a URL"),
             (huge, "exceeds 64 KiB"),
         ];
         for (body, want) in &cases {
@@ -142,6 +144,35 @@ async fn bad_input_gets_400_and_changes_nothing() {
         assert_eq!(sessions[0]["token"], before["token"]);
         let pool = gate.status().await["port_pool"].clone();
         assert_eq!(pool["allocated_ports"], 1);
+    })
+    .await;
+}
+
+/// A body declared over the limit is refused at once, not after the body deadline.
+#[tokio::test]
+async fn a_declared_oversize_body_is_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(Duration::from_secs(5), async {
+        let gate = TestGate::start(1).await;
+        let mut s = tokio::net::TcpStream::connect(gate.api)
+            .await
+            .expect("connect");
+        s.write_all(
+            b"POST /v1/sessions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 99999999999\r\n\r\n{\"vm_id\"",
+        )
+        .await
+        .expect("write");
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("KiB") {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed without an answer: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert!(text.contains("request body exceeds 64 KiB"), "{text}");
+        assert_eq!(gate.session_count().await, 0);
     })
     .await;
 }

@@ -612,6 +612,31 @@ async fn garbage_on_a_session_port_or_the_api_disturbs_nothing() {
                     tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut sink)).await;
             }
         }
+        // An HTTP/2 client (prior knowledge) is told, in JSON, to use HTTP/1.1.
+        for addr in [format!("127.0.0.1:{port}"), gate.api.to_string()] {
+            let mut s = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await
+                .expect("write");
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                let mut chunk = [0u8; 1024];
+                // Up to the daemon's FIN; then this side closes.
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    answer.extend_from_slice(&chunk[..n]);
+                }
+            })
+            .await
+            .expect("the answer ends within 5 s");
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 505 "), "{addr}: {text}");
+            assert!(text.contains("send HTTP/1.1"), "{addr}: {text}");
+        }
         // Junk inside the WebSocket: a text frame is ignored, the relay goes on.
         ws.send(Message::text("not vnc")).await.expect("send text");
         ws.send(Message::binary(b"still here".to_vec()))

@@ -358,6 +358,16 @@ async fn framing_rules_and_close_codes() {
                 1007,
             ),
             (
+                "text message not UTF-8 (8.1)",
+                frame(0x81, &[0xff, 0xfe]),
+                1007,
+            ),
+            (
+                "fragmented text ending inside a UTF-8 sequence (8.1)",
+                [frame(0x01, b"caf"), frame(0x80, &[0xc3])].concat(),
+                1007,
+            ),
+            (
                 "close 1000 echoed (5.5.1)",
                 frame(0x88, &close_payload(1000, b"bye")),
                 1000,
@@ -431,12 +441,15 @@ async fn pings_pongs_text_and_fragments() {
                 other => panic!("unexpected frame {other:?} before the last ping's pong"),
             }
         }
-        // A fragmented binary message with a ping between its fragments (5.4), and a text
-        // message, which is ignored (VNC is binary), then data that must still arrive.
+        // A fragmented binary message with a ping between its fragments (5.4), and text
+        // messages, which are ignored (VNC is binary), then data that must still arrive.
         let mut wire = frame(0x02, b"frag");
         wire.extend(frame(0x89, b"mid"));
         wire.extend(frame(0x80, b"ment"));
         wire.extend(frame(0x81, b"text is ignored"));
+        // Text split inside a UTF-8 sequence across its fragments is still UTF-8 (8.1).
+        wire.extend(frame(0x01, b"caf\xc3"));
+        wire.extend(frame(0x80, b"\xa9 too"));
         wire.extend(frame(0x82, b"!"));
         s.write_all(&wire).await.expect("frames");
         let mut want = GREETING.to_vec();

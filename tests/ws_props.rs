@@ -237,8 +237,30 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::option::weighted(0.3, control()),
         any::<[u8; 4]>(),
     );
-    (any::<bool>(), proptest::collection::vec(fragment, 1..4))
-        .prop_map(|(binary, fragments)| Message { binary, fragments })
+    (
+        any::<bool>(),
+        proptest::collection::vec(fragment, 1..4),
+        "\\PC{0,40}",
+    )
+        .prop_map(|(binary, mut fragments, text)| {
+            if !binary {
+                // Text must be UTF-8 over the whole message (RFC 6455 8.1); the cuts between
+                // its fragments may fall inside a character.
+                let bytes = text.into_bytes();
+                let last = fragments.len() - 1;
+                let mut start = 0;
+                for (i, f) in fragments.iter_mut().enumerate() {
+                    let end = if i == last {
+                        bytes.len()
+                    } else {
+                        (start + f.0.len() % 8).min(bytes.len())
+                    };
+                    f.0 = bytes[start..end].to_vec();
+                    start = end;
+                }
+            }
+            Message { binary, fragments }
+        })
 }
 
 /// The wire bytes of `messages` and the events a reader must produce for them.
@@ -300,6 +322,8 @@ enum Bad {
     TooBig(u64),
     ContinuationOutsideMessage,
     NewMessageInsideFragmented,
+    /// A text message with these bytes, where a 0xFF (never in UTF-8) replaces byte `at`.
+    TextNotUtf8(String, usize),
 }
 
 fn bad() -> impl Strategy<Value = Bad> {
@@ -320,6 +344,7 @@ fn bad() -> impl Strategy<Value = Bad> {
         ((MAX_CLIENT_FRAME + 1)..(1 << 40)).prop_map(Bad::TooBig),
         Just(Bad::ContinuationOutsideMessage),
         Just(Bad::NewMessageInsideFragmented),
+        ("\\PC{0,20}", any::<usize>()).prop_map(|(t, at)| Bad::TextNotUtf8(t, at)),
     ]
 }
 
@@ -353,6 +378,16 @@ fn encode_bad(bad: &Bad, mask: [u8; 4]) -> (Vec<u8>, u16) {
             let mut f = frame(OP_BINARY, false, b"a", mask);
             f.extend(frame(OP_BINARY, true, b"b", mask));
             (f, 1002)
+        }
+        Bad::TextNotUtf8(ref text, at) => {
+            let mut bytes = text.clone().into_bytes();
+            if bytes.is_empty() {
+                bytes.push(0xff);
+            } else {
+                let at = at % bytes.len();
+                bytes[at] = 0xff;
+            }
+            (frame(OP_TEXT, true, &bytes, mask), 1007)
         }
     }
 }

@@ -144,11 +144,14 @@ fn read_with_frame_reader(wire: &[u8], leftover: usize, step: usize, max: u64) -
     })
 }
 
-/// Reference decoder of a client stream (RFC 6455 5.2-5.5, 7.4), over all of it at once.
-/// Binary payload is handed on as far as it arrived; text is skipped.
+/// Reference decoder of a client stream (RFC 6455 5.2-5.5, 7.4, 8.1), over all of it at once.
+/// Binary payload is handed on as far as it arrived; text is skipped, but must be UTF-8: a
+/// byte that cannot be is 1007 as soon as it arrived, a message that ends inside a character
+/// is 1007 at its end.
 fn read_with_reference(wire: &[u8], max: u64) -> Vec<Ev> {
     let mut events = Vec::new();
     let mut message: Option<u8> = None;
+    let mut text: Vec<u8> = Vec::new();
     let mut at = 0usize;
     let end = |events: &mut Vec<Ev>, code| {
         push(events, Ev::End(code));
@@ -244,10 +247,23 @@ fn read_with_reference(wire: &[u8], max: u64) -> Vec<Ev> {
         let have = (len as usize).min(body.len());
         if kind == OP_BINARY {
             push(&mut events, Ev::Data(unmask(&body[..have])));
+        } else {
+            text.extend(unmask(&body[..have]));
+            if std::str::from_utf8(&text).is_err_and(|e| e.error_len().is_some()) {
+                end(&mut events, Some(1007));
+                return events;
+            }
         }
         if (have as u64) < len {
             end(&mut events, None);
             return events;
+        }
+        if fin && kind == OP_TEXT {
+            if std::str::from_utf8(&text).is_err() {
+                end(&mut events, Some(1007));
+                return events;
+            }
+            text.clear();
         }
         message = if fin { None } else { Some(kind) };
         at += head + 4 + have;

@@ -1,7 +1,8 @@
 //! hyper answers requests it cannot parse (a malformed request line, a bad `Content-Length`,
 //! headers over the limit) by itself, with an empty body. [`JsonRefusals`] turns exactly those
 //! answers into the JSON error object every other refusal carries (DESIGN.md "Control API",
-//! "Access control"), so a client always gets `{"error": {"code", "message"}}`.
+//! "Access control"), so a client always gets `{"error": {"code", "message"}}`. hyper closes
+//! an HTTP/2 connection preface without any answer; that one gets a JSON 505 here too.
 
 use std::io;
 use std::pin::Pin;
@@ -15,11 +16,26 @@ pub struct JsonRefusals<S> {
     io: S,
     /// A replacement answer still being written, and the length of the write it stands for.
     pending: Option<(Vec<u8>, usize)>,
+    /// Nothing has been read yet: the first read is looked at for an HTTP/2 preface.
+    first_read: bool,
+    /// The answer to an HTTP/2 preface: bytes still to write, then the connection ends.
+    h2_answer: Option<Vec<u8>>,
+    /// An HTTP/2 preface came: reads write [`JsonRefusals::h2_answer`], then drain to the end.
+    answering_h2: bool,
 }
+
+/// How an HTTP/2 connection (prior knowledge, RFC 9113 section 3.4) starts.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 impl<S> JsonRefusals<S> {
     pub fn new(io: S) -> Self {
-        JsonRefusals { io, pending: None }
+        JsonRefusals {
+            io,
+            pending: None,
+            first_read: true,
+            h2_answer: None,
+            answering_h2: false,
+        }
     }
 
     /// The stream, for the relay after an upgrade.
@@ -95,13 +111,71 @@ impl<S: AsyncWrite + Unpin> JsonRefusals<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for JsonRefusals<S> {
+/// The 505 an HTTP/2 preface gets, in hyper's error-answer shape.
+fn h2_answer() -> Vec<u8> {
+    json_answer(
+        b"HTTP/1.1 505 HTTP Version Not Supported\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+    )
+    .unwrap_or_default()
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> JsonRefusals<S> {
+    /// Writes the 505 for an HTTP/2 preface, sends FIN, then discards what the client still
+    /// sends until it closes (so the close is not a reset that could destroy the answer).
+    /// Reports end of stream to hyper, which then drops the connection; hyper's header timeout
+    /// bounds the wait.
+    fn poll_answer_h2(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(bytes) = &mut self.h2_answer {
+            if bytes.is_empty() {
+                std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                self.h2_answer = None;
+                break;
+            }
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, bytes))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            bytes.drain(..n);
+        }
+        let mut sink = [0u8; 1024];
+        loop {
+            let mut discard = ReadBuf::new(&mut sink);
+            std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut discard))?;
+            if discard.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for JsonRefusals<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.answering_h2 {
+            return this.poll_answer_h2(cx);
+        }
+        if !this.first_read {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let got = &buf.filled()[before..];
+        if got.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        this.first_read = false;
+        if got.starts_with(H2_PREFACE) {
+            // hyper never sees these bytes: to it the client sent nothing and closed.
+            buf.set_filled(before);
+            this.h2_answer = Some(h2_answer());
+            this.answering_h2 = true;
+            return this.poll_answer_h2(cx);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -173,6 +247,59 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonRefusals<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_http2_preface_gets_a_json_505_and_an_end() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut wrapped = JsonRefusals::new(server);
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .expect("write");
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let n = wrapped.read_to_end(&mut seen).await.expect("read");
+            (n, seen)
+        });
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        // The answer ends with FIN from the wrapper's side; then this side closes.
+        loop {
+            let n = client.read(&mut chunk).await.expect("read answer");
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        drop(client);
+        let (n, seen) = reader.await.expect("join");
+        assert_eq!(
+            (n, seen.len()),
+            (0, 0),
+            "hyper is shown nothing but the end"
+        );
+        let text = String::from_utf8(answer).expect("utf-8");
+        assert!(text.starts_with("HTTP/1.1 505 "), "{text}");
+        let body = text.split_once("\r\n\r\n").expect("head and body").1;
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["error"]["code"], "invalid_request");
+    }
+
+    #[tokio::test]
+    async fn http1_requests_pass_through_untouched() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut wrapped = JsonRefusals::new(server);
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        drop(client);
+        let mut seen = Vec::new();
+        wrapped.read_to_end(&mut seen).await.expect("read");
+        assert_eq!(seen, b"GET / HTTP/1.1\r\n\r\n");
+    }
 
     #[test]
     fn only_hypers_own_error_answers_are_replaced() {
