@@ -132,9 +132,11 @@ pub fn clean_path(raw: &str) -> Option<String> {
     if rest.contains(['\\', '\0']) || rest.chars().any(char::is_control) {
         return None;
     }
+    // No segment starts with a dot: besides `.` and `..`, that keeps a `--web` directory's
+    // hidden files (`.git`, `.htpasswd`) unserved.
     let ok = rest
         .split('/')
-        .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && !seg.contains(':'));
+        .all(|seg| !seg.is_empty() && !seg.starts_with('.') && !seg.contains(':'));
     ok.then(|| rest.to_owned())
 }
 
@@ -290,6 +292,10 @@ mod tests {
             ("/a%5c..%5cb", None),
             ("/a%00.html", None),
             ("/./vnc.html", None),
+            ("/.git/config", None),
+            ("/app/.hidden", None),
+            ("/%2ehtpasswd", None),
+            ("/app/images/icons/novnc-16x16.png", Some("app/images/icons/novnc-16x16.png")),
             ("/C:/windows", None),
             ("relative", None),
             ("/%ff", None),
