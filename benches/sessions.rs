@@ -65,6 +65,7 @@ const TLS_POOL_FIRST: u16 = 24_000;
 const TLS_API_PORT: u16 = 24_990;
 const BASELINE_POOL_FIRST: u16 = 25_000;
 const BASELINE_API_PORT: u16 = 25_990;
+/// The baseline build's public port, with `VNCGATE_BENCH_BASELINE_PUBLIC`.
 const BASELINE_PUBLIC_PORT: u16 = 25_980;
 /// The public-port daemon's API and public port (its pool range is never bound).
 const PUBLIC_POOL_FIRST: u16 = 26_000;

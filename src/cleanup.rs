@@ -51,25 +51,25 @@ pub struct CleanupReport {
 
 /// A target failing since: tokio's clock for the span, the wall clock for the report.
 ///
-/// It belongs to one session (not to its vm_id) and one target generation: a session closed
-/// and opened again under the same vm_id between two passes, or retargeted away and back,
-/// starts over rather than inheriting the old failure time and being closed at its first
-/// check. (A token revocation also starts a new generation, so it starts over too.)
+/// It belongs to one session (not to its vm_id) and one target epoch: a session closed and
+/// opened again under the same vm_id between two passes, or retargeted away and back, starts
+/// over rather than inheriting the old failure time and being closed at its first check. A
+/// token rotation changes neither, so it does not postpone the close.
 #[derive(Debug, Clone)]
 struct Failing {
     /// The session the record is about; a `Weak` keeps its allocation, so no later session
     /// can have the same address while the record exists.
     session: Weak<Session>,
     target: Target,
-    generation: u64,
+    epoch: u64,
     since: Instant,
     since_wall: SystemTime,
 }
 
 impl Failing {
-    /// Whether this record is about `session` at target `generation`.
-    fn is_for(&self, session: &Arc<Session>, generation: u64) -> bool {
-        std::ptr::eq(self.session.as_ptr(), Arc::as_ptr(session)) && self.generation == generation
+    /// Whether this record is about `session` at target epoch `epoch`.
+    fn is_for(&self, session: &Session, epoch: u64) -> bool {
+        std::ptr::eq(self.session.as_ptr(), session) && self.epoch == epoch
     }
 }
 
@@ -79,7 +79,7 @@ pub struct Cleanup {
     /// The daemon's shutdown: a pass in progress (periodic or from the API) stops probing.
     stop: CancellationToken,
     stale_after: Duration,
-    /// By vm_id; an entry for another session or target generation starts over.
+    /// By vm_id; an entry for another session or target epoch starts over.
     failing: Mutex<HashMap<String, Failing>>,
     /// One pass at a time; a caller that waited for a running pass takes its report.
     running: tokio::sync::Mutex<()>,
@@ -159,9 +159,9 @@ impl Cleanup {
         let checked = idle.len();
         let results: Vec<(Arc<Session>, Target, u64, bool)> = futures_util::stream::iter(idle)
             .map(|s| async move {
-                let ticket = s.ticket();
-                let ok = probe(&ticket.target).await;
-                (s, ticket.target, ticket.generation, ok)
+                let (target, epoch) = s.target_with_epoch();
+                let ok = probe(&target).await;
+                (s, target, epoch, ok)
             })
             .buffer_unordered(MAX_PROBES)
             .take_until(self.stop.cancelled())
@@ -186,7 +186,7 @@ impl Cleanup {
                     std::ptr::eq(entry.session.as_ptr(), Arc::as_ptr(&s)) && s.viewer_count() == 0
                 })
             });
-            for (session, target, generation, ok) in results {
+            for (session, target, epoch, ok) in results {
                 let vm_id = session.vm_id.clone();
                 if ok {
                     failing.remove(&vm_id);
@@ -195,12 +195,12 @@ impl Cleanup {
                 let fresh = || Failing {
                     session: Arc::downgrade(&session),
                     target: target.clone(),
-                    generation,
+                    epoch,
                     since: now,
                     since_wall: wall_now(),
                 };
                 let entry = failing.entry(vm_id.clone()).or_insert_with(fresh);
-                if !entry.is_for(&session, generation) {
+                if !entry.is_for(&session, epoch) {
                     *entry = fresh();
                 }
                 if now.duration_since(entry.since) >= self.stale_after {
@@ -215,10 +215,7 @@ impl Cleanup {
             let Some(session) = self.registry.get(&vm_id) else {
                 continue;
             };
-            let unchanged = |s: &Session| {
-                std::ptr::eq(failing.session.as_ptr(), s)
-                    && s.ticket().generation == failing.generation
-            };
+            let unchanged = |s: &Session| failing.is_for(s, s.target_with_epoch().1);
             if session.viewer_count() > 0 || !unchanged(&session) {
                 continue;
             }

@@ -164,6 +164,9 @@ struct TargetSlot {
     /// sessions then copies bytes instead of formatting and serialising 800 records.
     record: Arc<[u8]>,
     generation: u64,
+    /// Bumped only when the target changes (a retarget or its undo), unlike `generation`,
+    /// which a token revocation bumps too: the cleanup pass's failure clock follows this.
+    target_epoch: u64,
     /// Cancelled when this generation is replaced; a child of the session's token.
     cancel: CancellationToken,
 }
@@ -232,6 +235,7 @@ impl Session {
                 token,
                 record,
                 generation: 0,
+                target_epoch: 0,
                 cancel: cancel.child_token(),
             }),
             cancel,
@@ -256,6 +260,13 @@ impl Session {
 
     pub fn target(&self) -> Target {
         lock(&self.target).target.clone()
+    }
+
+    /// The target and how many times it changed (retargets and their undos; not token
+    /// revocations), read together: the cleanup pass ties a target's failures to both.
+    pub fn target_with_epoch(&self) -> (Target, u64) {
+        let slot = lock(&self.target);
+        (slot.target.clone(), slot.target_epoch)
     }
 
     /// The current target for a new connection.
@@ -393,6 +404,7 @@ impl Session {
         let old_target = std::mem::replace(&mut slot.target, target);
         let old_cancel = std::mem::replace(&mut slot.cancel, self.cancel.child_token());
         slot.generation += 1;
+        slot.target_epoch += 1;
         Some(RetargetUndo {
             old_target,
             old_cancel,
@@ -408,6 +420,7 @@ impl Session {
         slot.target = undo.old_target;
         slot.cancel = undo.old_cancel;
         slot.generation += 1;
+        slot.target_epoch += 1;
     }
 
     /// Tells the listener and viewers to end, without waiting.

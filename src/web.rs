@@ -295,7 +295,10 @@ mod tests {
             ("/.git/config", None),
             ("/app/.hidden", None),
             ("/%2ehtpasswd", None),
-            ("/app/images/icons/novnc-16x16.png", Some("app/images/icons/novnc-16x16.png")),
+            (
+                "/app/images/icons/novnc-16x16.png",
+                Some("app/images/icons/novnc-16x16.png"),
+            ),
             ("/C:/windows", None),
             ("relative", None),
             ("/%ff", None),

@@ -151,9 +151,10 @@ pub struct FrameReader {
     /// Whether the frame being read ends its message.
     fin: bool,
     max_frame: u64,
-    /// The unfinished UTF-8 sequence (at most 3 bytes) at the end of the text read so far:
-    /// text is not relayed, but must be UTF-8 across its frames (RFC 6455 section 8.1).
-    text_carry: Vec<u8>,
+    /// The unfinished UTF-8 sequence at the end of the text read so far (at most 3 bytes,
+    /// their count): text is not relayed, but must be UTF-8 across its frames (RFC 6455
+    /// section 8.1). Inline, so an idle viewer still holds no heap buffer.
+    text_carry: ([u8; 3], usize),
 }
 
 /// XORs `data`, which starts `offset` bytes into its frame's payload, with the frame's mask,
@@ -183,7 +184,7 @@ impl FrameReader {
             message: None,
             fin: true,
             max_frame,
-            text_carry: Vec::new(),
+            text_carry: ([0; 3], 0),
         }
     }
 
@@ -288,20 +289,36 @@ impl FrameReader {
 
     /// Checks the next piece of a text message; an unfinished sequence at its end waits for
     /// the next piece.
-    fn check_text(&mut self, piece: &[u8]) -> Result<(), WsError> {
-        let joined;
-        let text = if self.text_carry.is_empty() {
-            piece
-        } else {
-            joined = [&self.text_carry[..], piece].concat();
-            &joined[..]
-        };
-        match std::str::from_utf8(text) {
-            Ok(_) => self.text_carry.clear(),
-            Err(e) if e.error_len().is_none() => {
-                self.text_carry = text[e.valid_up_to()..].to_vec();
+    fn check_text(&mut self, mut piece: &[u8]) -> Result<(), WsError> {
+        const INVALID: WsError = WsError::InvalidUtf8("text message is not UTF-8");
+        let (mut carry, mut held) = self.text_carry;
+        // First finish the character the last piece ended inside, a byte at a time.
+        while held > 0 {
+            let Some((&b, rest)) = piece.split_first() else {
+                self.text_carry = (carry, held);
+                return Ok(());
+            };
+            let mut char_bytes = [0u8; 4];
+            char_bytes[..held].copy_from_slice(&carry[..held]);
+            char_bytes[held] = b;
+            piece = rest;
+            match std::str::from_utf8(&char_bytes[..=held]) {
+                Ok(_) => held = 0,
+                Err(e) if e.error_len().is_none() && held < 3 => {
+                    carry[held] = b;
+                    held += 1;
+                }
+                Err(_) => return Err(INVALID),
             }
-            Err(_) => return Err(WsError::InvalidUtf8("text message is not UTF-8")),
+        }
+        match std::str::from_utf8(piece) {
+            Ok(_) => self.text_carry = (carry, 0),
+            Err(e) if e.error_len().is_none() => {
+                let tail = &piece[e.valid_up_to()..];
+                carry[..tail.len()].copy_from_slice(tail);
+                self.text_carry = (carry, tail.len());
+            }
+            Err(_) => return Err(INVALID),
         }
         Ok(())
     }
@@ -309,7 +326,7 @@ impl FrameReader {
     fn end_frame(&mut self) -> Result<(), WsError> {
         if self.fin {
             self.message = None;
-            if !self.text_carry.is_empty() {
+            if self.text_carry.1 > 0 {
                 return Err(WsError::InvalidUtf8(
                     "text message ends inside a UTF-8 sequence",
                 ));

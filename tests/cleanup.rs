@@ -136,7 +136,8 @@ async fn stale_sessions_close_after_stale_after_and_live_ones_stay() {
 
 /// A record of failures belongs to one session and one target, not to a vm_id: a console
 /// closed and opened again (a VM rebooted) between two passes, or retargeted away and back,
-/// gets its full --stale-after before it is closed.
+/// gets its full --stale-after before it is closed. A token rotation changes neither and does
+/// not postpone the close.
 #[tokio::test(start_paused = true)]
 async fn a_reopened_or_retargeted_session_does_not_inherit_old_failures() {
     let mut gate = TestGate::start_with(4, |c| {
@@ -151,6 +152,7 @@ async fn a_reopened_or_retargeted_session_does_not_inherit_old_failures() {
     let elsewhere = FakeVnc::tcp(Mode::Echo).await;
     gate.open_ok("vm-reboot", dead).await;
     gate.open_ok("vm-moved", dead).await;
+    gate.open_ok("vm-rotated", dead).await;
     let (_, first) = gate.call("POST", "/v1/cleanup", None).await;
     assert_eq!(first["closed"], serde_json::json!([]), "{first}");
     tokio::time::advance(Duration::from_secs(90)).await;
@@ -161,11 +163,21 @@ async fn a_reopened_or_retargeted_session_does_not_inherit_old_failures() {
     gate.open_ok("vm-reboot", dead).await;
     gate.open_ok("vm-moved", &elsewhere.target).await;
     gate.open_ok("vm-moved", dead).await;
+    let (code, _) = gate
+        .call(
+            "POST",
+            "/v1/sessions/vm-rotated/token",
+            Some(br#"{"disconnect": true}"#),
+        )
+        .await;
+    assert_eq!(code, 200);
     let (_, second) = gate.call("POST", "/v1/cleanup", None).await;
+    let closed = second["closed"].as_array().expect("closed");
+    let names: Vec<&str> = closed.iter().filter_map(|c| c["vm_id"].as_str()).collect();
     assert_eq!(
-        second["closed"],
-        serde_json::json!([]),
-        "neither has failed for 60 s in its new form: {second}"
+        names,
+        ["vm-rotated"],
+        "only the rotated one has failed for 60 s as it is: {second}"
     );
     tokio::time::advance(Duration::from_secs(61)).await;
     let (_, third) = gate.call("POST", "/v1/cleanup", None).await;

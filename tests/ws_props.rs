@@ -324,6 +324,9 @@ enum Bad {
     NewMessageInsideFragmented,
     /// A text message with these bytes, where a 0xFF (never in UTF-8) replaces byte `at`.
     TextNotUtf8(String, usize),
+    /// A text message in two fragments whose last ends inside a character: these bytes, then
+    /// all but the last byte of a multi-byte character.
+    TextEndsInsideChar(String, char),
 }
 
 fn bad() -> impl Strategy<Value = Bad> {
@@ -345,6 +348,11 @@ fn bad() -> impl Strategy<Value = Bad> {
         Just(Bad::ContinuationOutsideMessage),
         Just(Bad::NewMessageInsideFragmented),
         ("\\PC{0,20}", any::<usize>()).prop_map(|(t, at)| Bad::TextNotUtf8(t, at)),
+        (
+            "\\PC{0,20}",
+            any::<char>().prop_filter("multi-byte", |c| c.len_utf8() > 1)
+        )
+            .prop_map(|(t, c)| Bad::TextEndsInsideChar(t, c)),
     ]
 }
 
@@ -388,6 +396,13 @@ fn encode_bad(bad: &Bad, mask: [u8; 4]) -> (Vec<u8>, u16) {
                 bytes[at] = 0xff;
             }
             (frame(OP_TEXT, true, &bytes, mask), 1007)
+        }
+        Bad::TextEndsInsideChar(ref text, c) => {
+            let mut utf8 = [0u8; 4];
+            let c = c.encode_utf8(&mut utf8).as_bytes();
+            let mut f = frame(OP_TEXT, false, text.as_bytes(), mask);
+            f.extend(frame(OP_CONTINUATION, true, &c[..c.len() - 1], mask));
+            (f, 1007)
         }
     }
 }

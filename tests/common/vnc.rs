@@ -170,8 +170,8 @@ impl Xvnc {
     async fn launch(dir: &Path, desktop_name: &str, security: &[&str]) -> Xvnc {
         let socket = dir.join("xvnc.sock");
         // A display number nobody uses; Xvnc refuses one whose lock exists, so try the next.
-        // Locks left by X servers that were killed (SIGKILL skips their cleanup) are removed, as
-        // an X server does itself, so they cannot pile up over runs and exhaust the range.
+        // Locks left by X servers that were killed (SIGKILL skips their cleanup) count as free,
+        // so they cannot pile up over runs and exhaust the range.
         for n in 0..200u32 {
             let display = 140 + (std::process::id() % 400) + n;
             if !display_free(display) {
@@ -318,28 +318,20 @@ impl Qemu {
     }
 }
 
-/// Whether display `:n` can be given to a new Xvnc. A lock whose process is gone is stale: it
-/// and the display's socket are removed and the display is free.
+/// Whether display `:n` can be given to a new Xvnc. A lock whose process is gone is stale:
+/// the display is free, and Xvnc replaces the lock and the socket itself (the X server's own
+/// stale-lock check). Nothing is deleted here: another test thread may be starting an Xvnc on
+/// the same display right now.
 fn display_free(n: u32) -> bool {
-    let lock = format!("/tmp/.X{n}-lock");
-    let socket = format!("/tmp/.X11-unix/X{n}");
-    match std::fs::read_to_string(&lock) {
-        Ok(text) => {
-            // An X server writes its lock under another name and links it into place, so the
-            // pid is always there; anything unreadable is left alone.
-            let alive = text
-                .trim()
-                .parse::<u32>()
-                .map_or(true, |pid| Path::new(&format!("/proc/{pid}")).exists());
-            if alive {
-                return false;
-            }
-            let _ = std::fs::remove_file(&lock);
-            let _ = std::fs::remove_file(&socket);
-            true
-        }
+    match std::fs::read_to_string(format!("/tmp/.X{n}-lock")) {
+        // An X server writes its lock under another name and links it into place, so the pid
+        // is always there; anything unreadable is left alone.
+        Ok(text) => text
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => false,
-        Err(_) => !Path::new(&socket).exists(),
+        Err(_) => !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists(),
     }
 }
 
