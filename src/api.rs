@@ -241,8 +241,14 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// A body declared larger than [`MAX_BODY`] is refused at once, as one that arrives too large
-/// would be, rather than after waiting for bytes that could never be taken.
+/// Bodies declared up to this size are read (and dropped) before one over [`MAX_BODY`] is
+/// refused: hyper closes a connection with unread bytes by a reset, which can destroy the
+/// answer before the client reads it.
+const DRAIN_BEFORE_REFUSING: usize = 1 << 20;
+
+/// A body declared larger than [`MAX_BODY`] is refused as one that arrives too large would be,
+/// without handing it to the routes. One declared past [`DRAIN_BEFORE_REFUSING`] is refused at
+/// once, rather than after waiting (up to the body deadline) for bytes nobody will take.
 async fn refuse_declared_oversize(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -252,11 +258,14 @@ async fn refuse_declared_oversize(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024))
-            .into_response();
+    let Some(declared) = declared.filter(|&n| n > MAX_BODY as u64) else {
+        return next.run(request).await;
+    };
+    if declared <= DRAIN_BEFORE_REFUSING as u64 {
+        // Bounded by the size and by the connection's body deadline; the bytes are dropped.
+        let _ = axum::body::to_bytes(request.into_body(), DRAIN_BEFORE_REFUSING).await;
     }
-    next.run(request).await
+    ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024)).into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -172,6 +172,25 @@ async fn a_declared_oversize_body_is_refused_at_once() {
         let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
         assert!(text.contains("request body exceeds 64 KiB"), "{text}");
+        // A body of 300 KB that is all sent is read first, so the answer is not lost to a
+        // reset while the client is still writing.
+        let mut s = tokio::net::TcpStream::connect(gate.api)
+            .await
+            .expect("connect");
+        let body = vec![b' '; 300 * 1024];
+        let head = format!(
+            "POST /v1/sessions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        s.write_all(&body).await.expect("the whole body is taken");
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).contains("KiB") {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400 "));
         assert_eq!(gate.session_count().await, 0);
     })
     .await;
