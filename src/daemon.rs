@@ -168,9 +168,13 @@ impl Daemon {
         )?);
         let csp = crate::web::content_security_policy(&config.frame_ancestors)
             .map_err(DaemonError::FrameAncestors)?;
-        let lock = state::acquire_lock(&config.state_file)?;
-        state::remove_stale_temps(&config.state_file);
-        let records = state::load(&config.state_file, config.start_empty)?;
+        let state_file = state::resolve_path(&config.state_file)?;
+        if state_file != config.state_file {
+            info!(link = %config.state_file.display(), state_file = %state_file.display(), "the state file is a symbolic link: its target is used");
+        }
+        let lock = state::acquire_lock(&state_file)?;
+        state::remove_stale_temps(&state_file);
+        let records = state::load(&state_file, config.start_empty)?;
         let root = CancellationToken::new();
         // A failed start must not leave the tasks started so far running.
         let mut cancel_on_error = CancelOnDrop(Some(root.clone()));
@@ -246,13 +250,13 @@ impl Daemon {
         let registry = SessionRegistry::new(
             pool,
             Arc::clone(&ctx),
-            config.state_file.clone(),
+            state_file.clone(),
             config.max_sessions,
         );
         let stored = records.len();
         registry.restore(records);
         if stored > 0 {
-            info!(stored, restored = registry.len(), state_file = %config.state_file.display(), "sessions restored");
+            info!(stored, restored = registry.len(), state_file = %state_file.display(), "sessions restored");
         }
         registry
             .write_now()

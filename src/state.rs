@@ -74,6 +74,10 @@ pub enum StateError {
     },
     #[error("cannot move the bad state file {path} aside: {source}")]
     MoveAside { path: PathBuf, source: io::Error },
+    #[error(
+        "state file {path} is a symbolic link whose target cannot be resolved ({source}); point it at an existing file, or give --state-file the real path"
+    )]
+    Dangling { path: PathBuf, source: io::Error },
 }
 
 /// Why a commit failed; every call it covered is rolled back.
@@ -92,6 +96,22 @@ pub fn lock_path(state: &Path) -> PathBuf {
     let mut name = state.as_os_str().to_owned();
     name.push(".lock");
     PathBuf::from(name)
+}
+
+/// The path the daemon uses for `--state-file`: the file itself, or, when it is a symbolic
+/// link, the file it points to. The writes replace the file by a rename, which would replace a
+/// link rather than write through it, and the lock beside a link would not stop a daemon given
+/// the real path; so both go to the real file. Errors: a link whose target does not exist.
+pub fn resolve_path(state: &Path) -> Result<PathBuf, StateError> {
+    match std::fs::symlink_metadata(state) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            std::fs::canonicalize(state).map_err(|source| StateError::Dangling {
+                path: state.to_owned(),
+                source,
+            })
+        }
+        _ => Ok(state.to_owned()),
+    }
 }
 
 pub fn acquire_lock(state: &Path) -> Result<StateLock, StateError> {

@@ -252,6 +252,66 @@ async fn a_second_daemon_on_the_same_state_file_is_refused() {
     .await;
 }
 
+/// A `--state-file` that is a symbolic link: the daemon writes and locks the file it points
+/// to, so the link stays a link, the real file gets every change, and a daemon given the real
+/// path is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_state_file_is_written_and_locked_through() {
+    bounded(Duration::from_secs(60), async {
+        let mut daemon = DaemonProcess::spawn(3, &[]).await;
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        daemon.open_ok("vm-before", &fake.target).await;
+        daemon.terminate().await;
+        let real = daemon.state.file();
+        let link = daemon.state.0.join("link.json");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let at = daemon.args.iter().position(|a| a == "--state-file").expect("flag") + 1;
+        daemon.args[at] = link.display().to_string();
+        daemon.restart().await;
+        daemon.open_ok("vm-after", &fake.target).await;
+        let meta = std::fs::symlink_metadata(&link).expect("link");
+        assert!(meta.file_type().is_symlink(), "the link was replaced by a file");
+        let on_disk = std::fs::read_to_string(&real).expect("real file");
+        assert!(
+            on_disk.contains("vm-before") && on_disk.contains("vm-after"),
+            "{on_disk}"
+        );
+        // A second daemon given the real path finds the lock the first took through the link.
+        let mut args = daemon.args.clone();
+        args[at] = real.display().to_string();
+        let api_at = args.iter().position(|a| a == "--api-listen").expect("flag") + 1;
+        args[api_at] = format!("127.0.0.1:{}", daemon.block.spare() - 1);
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+                .arg("serve")
+                .args(&args)
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the second daemon exits at once")
+        .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains(&format!("another vncgate (pid {}) is serving", daemon.pid())),
+            "{stderr}"
+        );
+        // A link to nothing is refused at start, naming it.
+        let dangling = daemon.state.0.join("dangling.json");
+        std::os::unix::fs::symlink(daemon.state.0.join("missing/state.json"), &dangling)
+            .expect("symlink");
+        let (ok, err) = serve_once(&dangling, &[], false)
+            .await
+            .expect("refused at start");
+        assert!(!ok);
+        assert!(err.contains("is a symbolic link whose target cannot be resolved"), "{err}");
+    })
+    .await;
+}
+
 /// Runs `vncgate serve` on `state` and returns (exit success, stderr) when it exits, or None
 /// when it is still running after the API answered (it started).
 async fn serve_once(
