@@ -41,7 +41,19 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the API (HTTP {status}): {body}")]
     BadAnswer { status: u16, body: String },
+    #[error(
+        "the vncgate API at {api} did not answer within {} s (is it overloaded, or is something else listening there?)",
+        CALL_TIMEOUT.as_secs()
+    )]
+    Timeout { api: String },
 }
+
+/// How long one CLI request may take, connection and answer included.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The largest answer the CLI reads: a list of 10,000 sessions is about 7 MB.
+const MAX_ANSWER: usize = 64 << 20;
+/// How much of an answer that is not the API's JSON an error message quotes.
+const QUOTED_ANSWER: usize = 512;
 
 /// The optional per-session limits of `vncgate open` (durations such as `15m`, as text).
 #[derive(Debug, Clone, Default)]
@@ -162,8 +174,22 @@ impl ApiClient {
         Ok(Box::new(stream))
     }
 
-    /// One request; a non-2xx answer becomes [`ClientError::Api`] with the server's message.
+    /// One request; a non-2xx answer becomes [`ClientError::Api`] with the server's message,
+    /// and one that takes longer than [`CALL_TIMEOUT`] becomes [`ClientError::Timeout`].
     pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), ClientError> {
+        tokio::time::timeout(CALL_TIMEOUT, self.call_once(method, path, body))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                api: self.base.clone(),
+            })?
+    }
+
+    async fn call_once(
         &self,
         method: Method,
         path: &str,
@@ -210,15 +236,28 @@ impl ApiClient {
             }
         };
         let status = response.status();
-        let bytes = response.into_body().collect().await;
+        let bytes = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await;
         driver.abort();
         let bytes = bytes.map_err(|e| unreachable(e.to_string()))?.to_bytes();
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).map_err(|_| ClientError::BadAnswer {
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).into_owned(),
+            serde_json::from_slice(&bytes).map_err(|_| {
+                let mut body = String::from_utf8_lossy(&bytes).into_owned();
+                if body.len() > QUOTED_ANSWER {
+                    let mut end = QUOTED_ANSWER;
+                    while !body.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    body.truncate(end);
+                    body.push_str(&format!("... ({} bytes in all)", bytes.len()));
+                }
+                ClientError::BadAnswer {
+                    status: status.as_u16(),
+                    body,
+                }
             })?
         };
         if status.is_success() {

@@ -119,13 +119,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let output = match &cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "vncgate",
-                &mut std::io::stdout(),
-            );
-            return Ok(());
+            // Into memory first: clap_complete panics when its writer fails.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "vncgate", &mut script);
+            return write_stdout(&script);
         }
         Command::Man { subcommand } => {
             let main = Cli::command();
@@ -141,10 +138,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     sub.name(title).version(env!("CARGO_PKG_VERSION"))
                 }
             };
+            let mut roff = Vec::new();
             clap_mangen::Man::new(page)
-                .render(&mut std::io::stdout())
-                .context("cannot write the man page")?;
-            return Ok(());
+                .render(&mut roff)
+                .context("cannot render the man page")?;
+            return write_stdout(&roff);
         }
         Command::Serve(args) => {
             let mut args = args.clone();
@@ -171,8 +169,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List { json } => client()?.list(*json).await?,
         Command::Status { json } => client()?.status(*json).await?,
     };
-    println!("{output}");
-    Ok(())
+    write_stdout(format!("{output}\n").as_bytes())
+}
+
+/// Writes a command's output. A reader that went away (`vncgate list | head`) ends the command
+/// quietly, as other command-line tools do; any other failure (a full disk) is an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write the output"),
+    }
 }
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {

@@ -265,12 +265,20 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
         let real = daemon.state.file();
         let link = daemon.state.0.join("link.json");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        let at = daemon.args.iter().position(|a| a == "--state-file").expect("flag") + 1;
+        let at = daemon
+            .args
+            .iter()
+            .position(|a| a == "--state-file")
+            .expect("flag")
+            + 1;
         daemon.args[at] = link.display().to_string();
         daemon.restart().await;
         daemon.open_ok("vm-after", &fake.target).await;
         let meta = std::fs::symlink_metadata(&link).expect("link");
-        assert!(meta.file_type().is_symlink(), "the link was replaced by a file");
+        assert!(
+            meta.file_type().is_symlink(),
+            "the link was replaced by a file"
+        );
         let on_disk = std::fs::read_to_string(&real).expect("real file");
         assert!(
             on_disk.contains("vm-before") && on_disk.contains("vm-after"),
@@ -296,7 +304,10 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert!(
-            stderr.contains(&format!("another vncgate (pid {}) is serving", daemon.pid())),
+            stderr.contains(&format!(
+                "another vncgate (pid {}) is serving",
+                daemon.pid()
+            )),
             "{stderr}"
         );
         // A link to nothing is refused at start, naming it.
@@ -307,7 +318,10 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
             .await
             .expect("refused at start");
         assert!(!ok);
-        assert!(err.contains("is a symbolic link whose target cannot be resolved"), "{err}");
+        assert!(
+            err.contains("is a symbolic link whose target cannot be resolved"),
+            "{err}"
+        );
     })
     .await;
 }

@@ -36,3 +36,63 @@ fn sizes() {
     assert_eq!(human_bytes(12), "12 B");
     assert_eq!(human_bytes(10 * 1024 * 1024), "10.0 MiB");
 }
+
+/// A server that accepts and never answers: the call ends at [`CALL_TIMEOUT`] with an error
+/// that names the API (paused clock).
+#[tokio::test(start_paused = true)]
+async fn a_silent_api_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let client = ApiClient::new(&format!("http://{addr}"), None, None).expect("client");
+    let started = tokio::time::Instant::now();
+    let err = client
+        .call(Method::GET, "/v1/sessions", None)
+        .await
+        .expect_err("no answer");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert!(started.elapsed() >= CALL_TIMEOUT);
+    holder.abort();
+}
+
+/// An answer that is not the API's JSON is quoted, cut to a readable length.
+#[tokio::test]
+async fn a_huge_junk_answer_is_quoted_short() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut head = [0u8; 1024];
+        let _ = s.read(&mut head).await;
+        let junk = "x".repeat(100_000);
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{junk}",
+            junk.len()
+        );
+        let _ = s.write_all(answer.as_bytes()).await;
+    });
+    let client = ApiClient::new(&format!("http://{addr}"), None, None).expect("client");
+    let err = client
+        .call(Method::GET, "/v1/sessions", None)
+        .await
+        .expect_err("junk");
+    let text = err.to_string();
+    assert!(
+        text.contains("(100000 bytes in all)"),
+        "{}",
+        &text[..200.min(text.len())]
+    );
+    assert!(text.len() < 1024, "{} bytes of message", text.len());
+    let _ = server.await;
+}
