@@ -207,6 +207,13 @@ impl Daemon {
             0
         };
         let fitting = access::default_max_connections(nofile, pool_ports);
+        if nofile < (pool_ports + 256 + 2 * 64) as u64 {
+            warn!(
+                nofile,
+                pool_ports,
+                "the open-files limit barely covers the pool's listeners and the API: viewers will fail with EMFILE; raise it (systemd LimitNOFILE=, ulimit -n) or shrink --port-range"
+            );
+        }
         let max_connections = config.max_connections.unwrap_or(fitting);
         if max_connections > fitting {
             warn!(

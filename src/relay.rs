@@ -229,6 +229,18 @@ pub async fn run_relay<W: AsyncWrite + Unpin>(
             on_connected(dialled.elapsed());
             stream
         }
+        Ok(Err(err)) if crate::target::out_of_descriptors(&err) => {
+            // Not the VNC server's fault: say whose it is, so nobody chases a healthy VM.
+            let reason = CloseReason::TargetFailed(format!(
+                "vncgate cannot reach VNC server {target}: it is out of file descriptors ({err}); raise its open-files limit or lower --max-connections"
+            ));
+            tracing::error!(%target, %err, "out of file descriptors connecting to a VNC server");
+            client.close(&reason).await;
+            return Outcome {
+                close: Some(reason),
+                gone: None,
+            };
+        }
         Ok(Err(err)) => {
             let reason = CloseReason::TargetUnreachable(format!(
                 "VNC server {target} unreachable: {}",

@@ -133,6 +133,12 @@ impl Target {
 }
 
 /// Text of a connect error as a person reads it in a close reason.
+/// Whether `err` is this process (EMFILE) or the whole system (ENFILE) running out of file
+/// descriptors: a failure of vncgate, not of the VNC server it was connecting to.
+pub fn out_of_descriptors(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(23 | 24))
+}
+
 pub fn describe_connect_error(err: &io::Error) -> String {
     match err.kind() {
         io::ErrorKind::ConnectionRefused => "connection refused".into(),
@@ -146,6 +152,16 @@ pub fn describe_connect_error(err: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_told_apart() {
+        assert!(out_of_descriptors(&io::Error::from_raw_os_error(24)));
+        assert!(out_of_descriptors(&io::Error::from_raw_os_error(23)));
+        assert!(!out_of_descriptors(
+            &io::ErrorKind::ConnectionRefused.into()
+        ));
+        assert!(!out_of_descriptors(&io::Error::from_raw_os_error(111)));
+    }
 
     #[test]
     fn targets_parse_and_display() {
