@@ -265,10 +265,19 @@ impl Daemon {
         if stored > 0 {
             info!(stored, restored = registry.len(), state_file = %state_file.display(), "sessions restored");
         }
-        registry
-            .write_now()
-            .await
-            .map_err(DaemonError::FirstWrite)?;
+        // The first write puts the restored table on disk. When nothing moved or was dropped the
+        // file already says the same, so a full disk then must not keep every console down:
+        // serving goes on, changes fail (rolled back) until the file can be written, and status
+        // says so. When the table differs from the file, it has to be written first.
+        let restored_as_stored = registry.warnings().is_empty() && registry.len() == stored;
+        match registry.write_now().await {
+            Ok(()) => {}
+            Err(err) if restored_as_stored => {
+                warn!(%err, "cannot rewrite the state file at start; it already holds this table, so vncgate serves on, and changes fail until it can be written");
+                registry.note_write_failure(&err);
+            }
+            Err(err) => return Err(DaemonError::FirstWrite(err)),
+        }
         // Served only now, with every session back: a viewer reconnecting after a restart
         // finds its session, not a 404 that counts against its address.
         if let (Some(listener), Some(addr)) = (public_listener, config.public_listen) {

@@ -381,6 +381,14 @@ impl SessionRegistry {
         state::render(records.iter().map(|r| &r[..]))
     }
 
+    /// Shows a failed write in status until the next write succeeds (the writer clears it).
+    pub fn note_write_failure(&self, err: &CommitError) {
+        *lock(&self.write_failure) = Some(format!(
+            "state write failed at {}: {err}",
+            rfc3339(SystemTime::now())
+        ));
+    }
+
     /// Writes the table as it is (the last write at shutdown, after the writer stopped).
     pub async fn write_now(&self) -> Result<(), CommitError> {
         let doc = self.snapshot();

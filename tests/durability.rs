@@ -326,6 +326,110 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
     .await;
 }
 
+/// A tmpfs of 64 KiB, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` where mounting is not allowed (no CAP_SYS_ADMIN).
+    fn mount(at: std::path::PathBuf) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&at).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(at))
+    }
+
+    /// Writes a file that takes every free byte.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let chunk = [0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        // Then the last bytes, so not even a small state file fits.
+        while f.write_all(&[0]).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: a daemon still holding its lock file there must not keep it mounted.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk at start: a restored table the file already holds is served (the rewrite fails,
+/// status says so, changes fail and are rolled back), and writing works again once there is
+/// room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_start_keeps_the_restored_consoles_up() {
+    bounded(Duration::from_secs(60), async {
+        let mut daemon = DaemonProcess::spawn(4, &[]).await;
+        daemon.terminate().await;
+        let Some(disk) = SmallDisk::mount(daemon.state.0.join("small")) else {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs CAP_SYS_ADMIN)");
+            return;
+        };
+        let at = daemon
+            .args
+            .iter()
+            .position(|a| a == "--state-file")
+            .expect("flag")
+            + 1;
+        daemon.args[at] = disk.0.join("state.json").display().to_string();
+        daemon.restart().await;
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        for vm in ["vm-a", "vm-b"] {
+            daemon.open_ok(vm, &fake.target).await;
+        }
+        daemon.terminate().await;
+        // The writer keeps a spare file whose blocks the next write reuses (so a full disk
+        // alone does not stop it); without it, the start-up write needs new blocks.
+        let _ = std::fs::remove_file(disk.0.join(".state.json.tmp"));
+        let filler = disk.fill();
+        daemon.restart().await;
+        let (_, list) = daemon.call("GET", "/v1/sessions", None).await;
+        assert_eq!(list["sessions"].as_array().map(Vec::len), Some(2), "{list}");
+        let status = daemon.call("GET", "/v1/status", None).await.1;
+        assert!(
+            status["warnings"]
+                .to_string()
+                .contains("state write failed"),
+            "{status}"
+        );
+        let (code, err) = daemon
+            .call(
+                "POST",
+                "/v1/sessions",
+                Some(
+                    serde_json::json!({"vm_id": "vm-c", "target": fake.target})
+                        .to_string()
+                        .as_bytes(),
+                ),
+            )
+            .await;
+        assert_eq!(
+            (code, err["error"]["code"].as_str()),
+            (500, Some("coordination_failed")),
+            "{err}"
+        );
+        std::fs::remove_file(&filler).expect("make room");
+        daemon.open_ok("vm-c", &fake.target).await;
+        let status = daemon.call("GET", "/v1/status", None).await.1;
+        assert_eq!(status["system_health"], "healthy", "{status}");
+        daemon.terminate().await;
+        drop(disk);
+    })
+    .await;
+}
+
 /// Runs `vncgate serve` on `state` and returns (exit success, stderr) when it exits, or None
 /// when it is still running after the API answered (it started).
 async fn serve_once(
