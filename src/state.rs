@@ -235,6 +235,26 @@ pub fn validate(records: &[SessionRecord]) -> Result<(), String> {
                 r.vm_id
             ));
         }
+        // What the daemon never writes: it would otherwise be dropped at restore and gone at
+        // the first write, the one thing a state file must never do silently.
+        if !crate::session::is_vm_id(&r.vm_id) {
+            return Err(format!("record {i} has an invalid vm_id {:?}", r.vm_id));
+        }
+        if let Err(err) = r.target.parse::<crate::target::Target>() {
+            return Err(format!(
+                "record {i} ({:?}) has a bad target: {err}",
+                r.vm_id
+            ));
+        }
+        if r.tokens.is_empty() {
+            return Err(format!("record {i} ({:?}) has no token", r.vm_id));
+        }
+        if humantime::parse_rfc3339(&r.created_at).is_err() {
+            return Err(format!(
+                "record {i} ({:?}) has a created_at {:?} that is not an RFC 3339 time",
+                r.vm_id, r.created_at
+            ));
+        }
         for (field, value) in [
             ("idle_timeout", &r.idle_timeout),
             ("max_lifetime", &r.max_lifetime),

@@ -140,6 +140,28 @@ fn tables_no_daemon_writes_are_refused_naming_the_record() {
             }],
             "idle_timeout",
         ),
+        (vec![rec("../x", 6100, good)], "invalid vm_id \"../x\""),
+        (
+            vec![SessionRecord {
+                target: "evil".into(),
+                ..rec("vm-target", 6100, good)
+            }],
+            "vm-target\") has a bad target",
+        ),
+        (
+            vec![SessionRecord {
+                tokens: vec![],
+                ..rec("vm-untokened", 6100, good)
+            }],
+            "vm-untokened\") has no token",
+        ),
+        (
+            vec![SessionRecord {
+                created_at: "yesterday".into(),
+                ..rec("vm-when", 6100, good)
+            }],
+            "created_at \"yesterday\"",
+        ),
     ];
     let limited = SessionRecord {
         idle_timeout: Some("15m".into()),
@@ -167,7 +189,10 @@ fn doc_with(n: usize) -> StateDoc {
                 vm_id: format!("vm-{i}"),
                 target: "127.0.0.1:5900".into(),
                 ws_port: Some(6100 + i as u16),
-                tokens: vec![],
+                tokens: vec![TokenRecord {
+                    value: format!("token-{i:0>32}"),
+                    expires_at: None,
+                }],
                 created_at: "2026-11-26T00:00:00Z".into(),
                 idle_timeout: None,
                 max_lifetime: None,
