@@ -99,10 +99,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("vncgate: {err:#}");
+            eprintln!("vncgate: {}", error_text(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: most of our errors already name their cause in their
+/// message, and `{:#}` would print it a second time.
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -237,5 +251,32 @@ impl Signals {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot lock {path}: {source}")]
+    struct Locking {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let named = anyhow::Error::new(Locking {
+            path: "/x.lock".into(),
+            source: io(),
+        });
+        assert_eq!(error_text(&named), format!("cannot lock /x.lock: {}", io()));
+        let wrapped = anyhow::Error::new(io()).context("cannot write the output");
+        assert_eq!(
+            error_text(&wrapped),
+            format!("cannot write the output: {}", io())
+        );
     }
 }
