@@ -261,9 +261,17 @@ async fn refuse_declared_oversize(
     let Some(declared) = declared.filter(|&n| n > MAX_BODY as u64) else {
         return next.run(request).await;
     };
-    if declared <= DRAIN_BEFORE_REFUSING as u64 {
-        // Bounded by the size and by the connection's body deadline; the bytes are dropped.
-        let _ = axum::body::to_bytes(request.into_body(), DRAIN_BEFORE_REFUSING).await;
+    // A client waiting for `100 Continue` has sent nothing yet: refuse before inviting it.
+    let expects_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if declared <= DRAIN_BEFORE_REFUSING as u64 && !expects_continue {
+        // Each piece dropped as it comes, nothing kept; bounded by the declared size and the
+        // connection's body deadline.
+        use http_body_util::BodyExt;
+        let mut body = request.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
     }
     ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024)).into_response()
 }

@@ -89,7 +89,13 @@ pub struct Cleanup {
 
 /// Whether `target` answers like a VNC server: it accepts and sends `RFB ` within the timeout.
 pub async fn probe(target: &Target) -> bool {
-    let check = async {
+    check(target).await == Some(true)
+}
+
+/// [`probe`], with `None` when the check could not be made because vncgate itself is out of
+/// file descriptors: that says nothing about the target, and must not close its session.
+async fn check(target: &Target) -> Option<bool> {
+    let greeted = async {
         let mut greeting = [0u8; 4];
         let read = match target.connect().await? {
             TargetStream::Tcp(mut s) => s.read_exact(&mut greeting).await,
@@ -97,10 +103,11 @@ pub async fn probe(target: &Target) -> bool {
         };
         read.map(|_| greeting == *b"RFB ")
     };
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, check).await,
-        Ok(Ok(true))
-    )
+    match tokio::time::timeout(PROBE_TIMEOUT, greeted).await {
+        Ok(Ok(ok)) => Some(ok),
+        Ok(Err(err)) if crate::target::out_of_descriptors(&err) => None,
+        Ok(Err(_)) | Err(_) => Some(false),
+    }
 }
 
 impl Cleanup {
@@ -157,16 +164,17 @@ impl Cleanup {
             .filter(|s| s.viewer_count() == 0)
             .collect();
         let checked = idle.len();
-        let results: Vec<(Arc<Session>, Target, u64, bool)> = futures_util::stream::iter(idle)
-            .map(|s| async move {
-                let (target, epoch) = s.target_with_epoch();
-                let ok = probe(&target).await;
-                (s, target, epoch, ok)
-            })
-            .buffer_unordered(MAX_PROBES)
-            .take_until(self.stop.cancelled())
-            .collect()
-            .await;
+        let results: Vec<(Arc<Session>, Target, u64, Option<bool>)> =
+            futures_util::stream::iter(idle)
+                .map(|s| async move {
+                    let (target, epoch) = s.target_with_epoch();
+                    let ok = check(&target).await;
+                    (s, target, epoch, ok)
+                })
+                .buffer_unordered(MAX_PROBES)
+                .take_until(self.stop.cancelled())
+                .collect()
+                .await;
         if self.stop.is_cancelled() {
             // Shutting down: half a pass closes nothing.
             return CleanupReport {
@@ -188,9 +196,14 @@ impl Cleanup {
             });
             for (session, target, epoch, ok) in results {
                 let vm_id = session.vm_id.clone();
-                if ok {
-                    failing.remove(&vm_id);
-                    continue;
+                match ok {
+                    Some(true) => {
+                        failing.remove(&vm_id);
+                        continue;
+                    }
+                    // Not checked (vncgate out of descriptors): neither good nor bad.
+                    None => continue,
+                    Some(false) => {}
                 }
                 let fresh = || Failing {
                     session: Arc::downgrade(&session),

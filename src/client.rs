@@ -42,14 +42,15 @@ pub enum ClientError {
     #[error("unexpected answer from the API (HTTP {status}): {body}")]
     BadAnswer { status: u16, body: String },
     #[error(
-        "the vncgate API at {api} did not answer within {} s (is it overloaded, or is something else listening there?)",
-        CALL_TIMEOUT.as_secs()
+        "the vncgate API at {api} did not answer within {secs} s (is it overloaded, or is something else listening there?)"
     )]
-    Timeout { api: String },
+    Timeout { api: String, secs: u64 },
 }
 
 /// How long one CLI request may take, connection and answer included.
 pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// `vncgate cleanup` waits for a whole pass: ceil(n / 256) x 2 s, 80 s for 10,000 sessions.
+pub const CLEANUP_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// The largest answer the CLI reads: a list of 10,000 sessions is about 7 MB.
 const MAX_ANSWER: usize = 64 << 20;
 /// How much of an answer that is not the API's JSON an error message quotes.
@@ -182,10 +183,22 @@ impl ApiClient {
         path: &str,
         body: Option<Value>,
     ) -> Result<(StatusCode, Value), ClientError> {
-        tokio::time::timeout(CALL_TIMEOUT, self.call_once(method, path, body))
+        self.call_within(CALL_TIMEOUT, method, path, body).await
+    }
+
+    /// [`ApiClient::call`] with its own time limit.
+    pub async fn call_within(
+        &self,
+        limit: std::time::Duration,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), ClientError> {
+        tokio::time::timeout(limit, self.call_once(method, path, body))
             .await
             .map_err(|_| ClientError::Timeout {
                 api: self.base.clone(),
+                secs: limit.as_secs(),
             })?
     }
 
@@ -240,7 +253,18 @@ impl ApiClient {
             .collect()
             .await;
         driver.abort();
-        let bytes = bytes.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+        let bytes = bytes
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ClientError::BadAnswer {
+                        status: status.as_u16(),
+                        body: format!("an answer larger than {} MiB", MAX_ANSWER >> 20),
+                    }
+                } else {
+                    unreachable(e.to_string())
+                }
+            })?
+            .to_bytes();
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {
@@ -319,7 +343,9 @@ impl ApiClient {
 
     /// `vncgate cleanup`: runs a cleanup pass now and says what it closed.
     pub async fn cleanup(&self, json: bool) -> Result<String, ClientError> {
-        let (_, report) = self.call(Method::POST, "/v1/cleanup", None).await?;
+        let (_, report) = self
+            .call_within(CLEANUP_CALL_TIMEOUT, Method::POST, "/v1/cleanup", None)
+            .await?;
         if json {
             return Ok(pretty(&report));
         }

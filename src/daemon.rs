@@ -207,6 +207,8 @@ impl Daemon {
             0
         };
         let fitting = access::default_max_connections(nofile, pool_ports);
+        // The pool's listeners, the API's reserve, and the 64 viewers the cap never goes below
+        // (each holds two descriptors: its socket and its VNC server's).
         if nofile < (pool_ports + 256 + 2 * 64) as u64 {
             warn!(
                 nofile,
@@ -261,22 +263,23 @@ impl Daemon {
             config.max_sessions,
         );
         let stored = records.len();
-        registry.restore(records);
+        let restored_as_stored = registry.restore(records);
         if stored > 0 {
             info!(stored, restored = registry.len(), state_file = %state_file.display(), "sessions restored");
         }
         // The first write puts the restored table on disk. When nothing moved or was dropped the
         // file already says the same, so a full disk then must not keep every console down:
-        // serving goes on, changes fail (rolled back) until the file can be written, and status
-        // says so. When the table differs from the file, it has to be written first.
-        let restored_as_stored = registry.warnings().is_empty() && registry.len() == stored;
-        match registry.write_now().await {
+        // serving goes on, changes fail (rolled back) until there is room, and status and the
+        // write-failure metric say so. When the table differs from the file, it is written
+        // first or the start fails.
+        match registry.first_write().await {
             Ok(()) => {}
-            Err(err) if restored_as_stored => {
-                warn!(%err, "cannot rewrite the state file at start; it already holds this table, so vncgate serves on, and changes fail until it can be written");
+            Err((err, true)) if restored_as_stored => {
+                warn!(%err, "the disk is full: cannot rewrite the state file at start; it already holds this table, so vncgate serves on, and changes fail until there is room");
                 registry.note_write_failure(&err);
             }
-            Err(err) => return Err(DaemonError::FirstWrite(err)),
+            // Anything else (a missing or read-only directory) is a setup error to see now.
+            Err((err, _)) => return Err(DaemonError::FirstWrite(err)),
         }
         // Served only now, with every session back: a viewer reconnecting after a restart
         // finds its session, not a 404 that counts against its address.

@@ -109,12 +109,15 @@ fn main() -> ExitCode {
 /// message, and `{:#}` would print it a second time.
 fn error_text(err: &anyhow::Error) -> String {
     let mut text = err.to_string();
+    let mut parent = text.clone();
     for cause in err.chain().skip(1) {
         let cause = cause.to_string();
-        if !text.contains(&cause) {
+        // Only the error it came from can have named it already.
+        if !parent.contains(&cause) {
             text.push_str(": ");
             text.push_str(&cause);
         }
+        parent = cause;
     }
     text
 }

@@ -381,12 +381,34 @@ impl SessionRegistry {
         state::render(records.iter().map(|r| &r[..]))
     }
 
-    /// Shows a failed write in status until the next write succeeds (the writer clears it).
+    /// Shows a failed write in status and in the write-failure metric; the next write that
+    /// succeeds clears the warning (the writer does).
     pub fn note_write_failure(&self, err: &CommitError) {
+        self.commit_stats
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *lock(&self.write_failure) = Some(format!(
             "state write failed at {}: {err}",
             rfc3339(SystemTime::now())
         ));
+    }
+
+    /// [`SessionRegistry::write_now`] at start, telling a full disk (ENOSPC, EDQUOT: `true`)
+    /// from other failures (a missing or read-only directory: `false`).
+    pub async fn first_write(&self) -> Result<(), (CommitError, bool)> {
+        let doc = self.snapshot();
+        let path = self.state_path.clone();
+        match tokio::task::spawn_blocking(move || state::write_bytes_atomic(&path, doc)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let full = matches!(e.raw_os_error(), Some(28 | 122));
+                Err((
+                    CommitError(format!("{}: {e}", self.state_path.display())),
+                    full,
+                ))
+            }
+            Err(e) => Err((CommitError(e.to_string()), false)),
+        }
     }
 
     /// Writes the table as it is (the last write at shutdown, after the writer stopped).

@@ -20,6 +20,9 @@ use crate::ws::{self, Event, FrameReader, FrameWriter, ReadSide, WsError};
 mod pump;
 use pump::pump;
 
+/// Connects that failed for want of descriptors, logged once a minute.
+static DESCRIPTOR_ERRORS: crate::access::Throttle = crate::access::Throttle::new();
+
 /// First read from the VNC server after a quiet spell; doubles while reads fill the buffer.
 const MIN_READ: usize = 32 * 1024;
 /// A read from the VNC server shorter than this drained it (an interactive reply, not a
@@ -230,11 +233,15 @@ pub async fn run_relay<W: AsyncWrite + Unpin>(
             stream
         }
         Ok(Err(err)) if crate::target::out_of_descriptors(&err) => {
-            // Not the VNC server's fault: say whose it is, so nobody chases a healthy VM.
-            let reason = CloseReason::TargetFailed(format!(
-                "vncgate cannot reach VNC server {target}: it is out of file descriptors ({err}); raise its open-files limit or lower --max-connections"
+            // Not the VNC server's fault: say whose it is, so nobody chases a healthy VM. The
+            // reason leads with that (close reasons are cut at 123 bytes); the advice is logged,
+            // once a minute at most, since every viewer fails at once then.
+            let reason = CloseReason::TargetUnreachable(format!(
+                "vncgate is out of file descriptors; VNC server {target} was not tried"
             ));
-            tracing::error!(%target, %err, "out of file descriptors connecting to a VNC server");
+            if let Some(held_back) = DESCRIPTOR_ERRORS.ready(Duration::from_secs(60)) {
+                tracing::error!(%target, %err, held_back, "out of file descriptors connecting to a VNC server: raise the open-files limit (LimitNOFILE=) or lower --max-connections");
+            }
             client.close(&reason).await;
             return Outcome {
                 close: Some(reason),

@@ -101,17 +101,49 @@ pub fn lock_path(state: &Path) -> PathBuf {
 /// The path the daemon uses for `--state-file`: the file itself, or, when it is a symbolic
 /// link, the file it points to. The writes replace the file by a rename, which would replace a
 /// link rather than write through it, and the lock beside a link would not stop a daemon given
-/// the real path; so both go to the real file. Errors: a link whose target does not exist.
+/// the real path; so both go to the real file. A link made before the first start may point at
+/// a file not written yet, in a directory that exists. Errors: a link into a directory that
+/// does not exist, or to something that is not a regular file.
 pub fn resolve_path(state: &Path) -> Result<PathBuf, StateError> {
-    match std::fs::symlink_metadata(state) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            std::fs::canonicalize(state).map_err(|source| StateError::Dangling {
-                path: state.to_owned(),
-                source,
-            })
+    resolve_link(state, state, 8)
+}
+
+fn resolve_link(original: &Path, at: &Path, hops: u8) -> Result<PathBuf, StateError> {
+    let refuse = |why: &str| StateError::Dangling {
+        path: original.to_owned(),
+        source: io::Error::other(why.to_owned()),
+    };
+    match std::fs::symlink_metadata(at) {
+        Ok(meta) if meta.file_type().is_symlink() => {}
+        Ok(meta) if at != original && !meta.is_file() => {
+            return Err(refuse("it points at something that is not a regular file"));
         }
-        _ => Ok(state.to_owned()),
+        _ => return Ok(at.to_owned()),
     }
+    if hops == 0 {
+        return Err(refuse("too many levels of symbolic links"));
+    }
+    let link = std::fs::read_link(at).map_err(|source| StateError::Dangling {
+        path: original.to_owned(),
+        source,
+    })?;
+    let target = match at.parent() {
+        Some(dir) if link.is_relative() => dir.join(link),
+        _ => link,
+    };
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(refuse("it points at no file name"));
+    };
+    let dir = std::fs::canonicalize(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })
+    .map_err(|source| StateError::Dangling {
+        path: original.to_owned(),
+        source,
+    })?;
+    resolve_link(original, &dir.join(name), hops - 1)
 }
 
 pub fn acquire_lock(state: &Path) -> Result<StateLock, StateError> {
@@ -251,7 +283,7 @@ pub fn validate(records: &[SessionRecord]) -> Result<(), String> {
         }
         if humantime::parse_rfc3339(&r.created_at).is_err() {
             return Err(format!(
-                "record {i} ({:?}) has a created_at {:?} that is not an RFC 3339 time",
+                "record {i} ({:?}) has a created_at {:?} that is not an RFC 3339 UTC time such as 2026-11-30T12:00:00Z",
                 r.vm_id, r.created_at
             ));
         }

@@ -132,13 +132,13 @@ impl Target {
     }
 }
 
-/// Text of a connect error as a person reads it in a close reason.
 /// Whether `err` is this process (EMFILE) or the whole system (ENFILE) running out of file
 /// descriptors: a failure of vncgate, not of the VNC server it was connecting to.
 pub fn out_of_descriptors(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(23 | 24))
 }
 
+/// Text of a connect error as a person reads it in a close reason.
 pub fn describe_connect_error(err: &io::Error) -> String {
     match err.kind() {
         io::ErrorKind::ConnectionRefused => "connection refused".into(),

@@ -310,7 +310,34 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
             )),
             "{stderr}"
         );
-        // A link to nothing is refused at start, naming it.
+        // A relative link resolves to the same file, so its lock is held too.
+        let relative = daemon.state.0.join("relative.json");
+        std::os::unix::fs::symlink("state.json", &relative).expect("symlink");
+        let (ok, err) = serve_once(&relative, &[], false)
+            .await
+            .expect("refused at start");
+        assert!(!ok && err.contains("another vncgate"), "{err}");
+        // A link made before the first start, to a file not written yet, is fine.
+        let fresh_dir = daemon.state.0.join("fresh");
+        std::fs::create_dir_all(&fresh_dir).expect("dir");
+        let first_start = daemon.state.0.join("first.json");
+        std::os::unix::fs::symlink(fresh_dir.join("state.json"), &first_start).expect("symlink");
+        assert!(
+            serve_once(&first_start, &[], false).await.is_none(),
+            "a link to a file not written yet starts"
+        );
+        assert!(
+            fresh_dir.join("state.json").is_file(),
+            "written at its target"
+        );
+        // A link to a directory is refused.
+        let to_dir = daemon.state.0.join("to-dir.json");
+        std::os::unix::fs::symlink(&fresh_dir, &to_dir).expect("symlink");
+        let (ok, err) = serve_once(&to_dir, &[], false)
+            .await
+            .expect("refused at start");
+        assert!(!ok && err.contains("not a regular file"), "{err}");
+        // A link into a directory that does not exist is refused at start, naming it.
         let dangling = daemon.state.0.join("dangling.json");
         std::os::unix::fs::symlink(daemon.state.0.join("missing/state.json"), &dangling)
             .expect("symlink");

@@ -14,7 +14,10 @@ impl SessionRegistry {
     /// Puts the sessions of a state file back, each on its old port with its old token. A
     /// session whose port is taken (or outside the range) moves to another port; one that
     /// cannot be served is dropped. Both are logged and reported in status, never silent.
-    pub fn restore(&self, records: Vec<SessionRecord>) {
+    /// Returns whether the table is what the file says: every record back as it was written.
+    pub fn restore(&self, records: Vec<SessionRecord>) -> bool {
+        let stored = records.len();
+        let mut restored = 0usize;
         let mut degraded = Vec::new();
         let mut homeless = Vec::new();
         // Sessions that had a port and lost it to --session-ports off (their old URLs fail).
@@ -77,6 +80,7 @@ impl SessionRegistry {
                 choice,
             ) {
                 Ok(s) => {
+                    restored += 1;
                     self.watch_lifetime(&s);
                     if self.ctx.session_ports && !had_port {
                         ported.push(format!("{} (port {})", r.vm_id, port_text(s.port)));
@@ -145,7 +149,9 @@ impl SessionRegistry {
             warn!("{why}");
             degraded.push(why);
         }
+        let unchanged = degraded.is_empty() && restored == stored;
         lock(&self.degraded).extend(degraded);
+        unchanged
     }
 }
 
