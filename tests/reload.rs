@@ -214,6 +214,30 @@ async fn sighup_applies_a_new_range_caps_and_level_and_refuses_a_bad_file() {
         );
         echoes(&mut live, 100).await;
 
+        // A setting that applies only at a restart: said in status until the file puts it back.
+        write_config(&config, first + 10, first + 10, 3, 2, "info");
+        let mut text = std::fs::read_to_string(&config).expect("config");
+        text.push_str("ping-interval = \"7s\"\n");
+        std::fs::write(&config, text).expect("write");
+        hangup(&daemon);
+        status_until(&daemon, "a restart-only warning", |s| {
+            s["warnings"].as_array().is_some_and(|w| {
+                w.iter().any(|m| {
+                    m.as_str().is_some_and(|m| {
+                        m.contains("--ping-interval") && m.contains("only at a restart")
+                    })
+                })
+            })
+        })
+        .await;
+        write_config(&config, first + 10, first + 10, 3, 2, "info");
+        hangup(&daemon);
+        status_until(&daemon, "the restart-only warning gone", |s| {
+            !s["warnings"].to_string().contains("only at a restart")
+        })
+        .await;
+        echoes(&mut live, 100).await;
+
         // The log level: vm-a's open (at warn) left no event line, vm-c's (at info) did.
         let text = std::fs::read_to_string(&log).expect("log");
         assert!(text.contains("configuration reloaded"), "{text}");

@@ -55,6 +55,16 @@ impl Daemon {
                 "SIGHUP: these settings change only at a restart; the daemon keeps the values it started with"
             );
         }
+        // Also in /v1/status until a restart applies them, or a reload puts them back.
+        self.registry.set_warning(
+            "restart",
+            (!needs_restart.is_empty()).then(|| {
+                format!(
+                    "the config file changes {}, which apply only at a restart; the daemon runs with the values it started with",
+                    needs_restart.join(", ")
+                )
+            }),
+        );
         info!(
             port_range = %format!("{}-{}", new.port_range.start(), new.port_range.end()),
             max_sessions = new.max_sessions,
