@@ -308,6 +308,22 @@ async fn unparsable_requests_get_the_json_error_object() {
     .await;
 }
 
+/// Runs the CLI with its stdout on `stdout` (`spawn`, not `output`, which would capture stdout
+/// itself); returns its output and stderr.
+async fn cli_to(args: &[&str], stdout: std::process::Stdio) -> (std::process::Output, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+        .args(args)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the CLI")
+        .wait_with_output()
+        .await
+        .expect("wait for the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
+}
+
 /// `vncgate list | head` and the like: the CLI's reader went away before it wrote. It ends
 /// quietly with status 0, not with a panic (status 101); a full disk is an error (status 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,19 +338,9 @@ async fn the_cli_ends_quietly_when_its_reader_goes_away() {
             vec!["completions", "bash"],
         ] {
             // The read end is closed before the CLI starts, so its write always fails (EPIPE).
-            // (`spawn`, not `output`, which would capture stdout itself.)
             let (reader, writer) = std::io::pipe().expect("pipe");
             drop(reader);
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
-                .args(&args)
-                .stdout(writer)
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("run the CLI")
-                .wait_with_output()
-                .await
-                .expect("wait for the CLI");
-            let stderr = String::from_utf8_lossy(&out.stderr);
+            let (out, stderr) = cli_to(&args, writer.into()).await;
             assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
             assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         }
@@ -342,16 +348,7 @@ async fn the_cli_ends_quietly_when_its_reader_goes_away() {
             .write(true)
             .open("/dev/full")
             .expect("/dev/full");
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
-            .args(["--api", api.as_str(), "list"])
-            .stdout(full)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run the CLI")
-            .wait_with_output()
-            .await
-            .expect("wait for the CLI");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (out, stderr) = cli_to(&["--api", api.as_str(), "list"], full.into()).await;
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains("cannot write the output"), "{stderr}");
     })

@@ -220,28 +220,36 @@ async fn kill_9_during_200_concurrent_calls_loses_no_acknowledged_change() {
     .await;
 }
 
+/// Runs `vncgate serve` with `args` beside `daemon`, on another API port (so a refusal can only
+/// come from the state lock); returns (exit success, stderr) once it exits, within 10 s.
+async fn second_daemon(daemon: &DaemonProcess, mut args: Vec<String>) -> (bool, String) {
+    let api_at = args.iter().position(|a| a == "--api-listen").expect("flag") + 1;
+    args[api_at] = format!("127.0.0.1:{}", daemon.block.spare() - 1);
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+            .arg("serve")
+            .args(&args)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the second daemon exits at once")
+    .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_daemon_on_the_same_state_file_is_refused() {
     bounded(Duration::from_secs(30), async {
         let daemon = DaemonProcess::spawn(2, &[]).await;
-        let mut args = daemon.args.clone();
-        // Another API port, so the refusal can only come from the state lock.
-        let api_at = args.iter().position(|a| a == "--api-listen").expect("flag") + 1;
-        args[api_at] = format!("127.0.0.1:{}", daemon.block.spare() - 1);
-        let out = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
-                .arg("serve")
-                .args(&args)
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("the second daemon exits at once")
-        .expect("run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let args = daemon.args.clone();
+        let (ok, stderr) = second_daemon(&daemon, args).await;
+        assert!(!ok);
         let want = format!(
             "another vncgate (pid {}) is serving {}",
             daemon.pid(),
@@ -287,22 +295,8 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
         // A second daemon given the real path finds the lock the first took through the link.
         let mut args = daemon.args.clone();
         args[at] = real.display().to_string();
-        let api_at = args.iter().position(|a| a == "--api-listen").expect("flag") + 1;
-        args[api_at] = format!("127.0.0.1:{}", daemon.block.spare() - 1);
-        let out = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
-                .arg("serve")
-                .args(&args)
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("the second daemon exits at once")
-        .expect("run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let (ok, stderr) = second_daemon(&daemon, args).await;
+        assert!(!ok);
         assert!(
             stderr.contains(&format!(
                 "another vncgate (pid {}) is serving",
