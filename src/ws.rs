@@ -196,7 +196,7 @@ impl FrameReader {
         // Client messages are small: any short read drained the socket.
         match self
             .io
-            .read_lazy(&mut self.buf, CLIENT_READ, 0, CLIENT_READ)
+            .read_lazy(&mut self.buf, CLIENT_READ, 0, CLIENT_READ, true)
             .await?
         {
             0 => Err(WsError::Eof),

@@ -478,13 +478,23 @@ async fn an_operator_disconnects_one_viewer_and_the_others_stay() {
         first.next().await.expect("greeting").expect("ok");
         second.next().await.expect("greeting").expect("ok");
         let (_, info) = gate.call("GET", "/v1/sessions/vm-kick", None).await;
-        let ids: Vec<u64> = info["viewers"]
-            .as_array()
-            .expect("viewers")
-            .iter()
-            .filter_map(|v| v["id"].as_u64())
-            .collect();
-        assert_eq!(ids.len(), 2, "{info}");
+        // The two viewers register in whichever order their upgrades finish: find each one's
+        // id by its address.
+        let id_of = |ws: &Ws| {
+            let addr = match ws.get_ref() {
+                MaybeTlsStream::Plain(s) => s.local_addr().expect("addr"),
+                _ => panic!("plain connection expected"),
+            };
+            info["viewers"]
+                .as_array()
+                .expect("viewers")
+                .iter()
+                .find(|v| v["peer"] == addr.to_string())
+                .and_then(|v| v["id"].as_u64())
+                .unwrap_or_else(|| panic!("no viewer from {addr}: {info}"))
+        };
+        let ids = [id_of(&first), id_of(&second)];
+        assert_ne!(ids[0], ids[1], "{info}");
         let (status, _) = gate
             .call(
                 "DELETE",

@@ -76,12 +76,13 @@ fn read_ready<S: ReadySocket>(
     want: usize,
     prefix: usize,
     settle: usize,
+    scratch_first: bool,
 ) -> io::Result<usize> {
     // A full read must never count as draining the socket: with edge-triggered readiness the
     // rest would wait for the peer's next send.
     debug_assert!(settle <= want, "settle {settle} > want {want}");
     let mut drained = None;
-    let fresh = buf.capacity() == 0;
+    let fresh = scratch_first && buf.capacity() == 0;
     let result = socket.with_readiness(|| {
         let n = if fresh {
             let first = want.min(FIRST_READ);
@@ -132,28 +133,38 @@ impl ReadSide {
     /// Waits for data, then reads up to `want` bytes into `buf` (which may start empty and
     /// unallocated) after its first `prefix` bytes (zeroed room kept for a frame header).
     /// Returns 0 at EOF. Cancel-safe. A read of fewer than `settle` bytes clears the socket's
-    /// readiness (see [`read_ready`]).
+    /// readiness (see [`read_ready`]). With `scratch_first`, an unallocated `buf` is first read
+    /// through the thread's scratch buffer ([`FIRST_READ`] bytes, for small messages); without,
+    /// it is allocated for `want` bytes once the socket is readable (a stream's next chunk: one
+    /// read, no copy). A read that finds nothing leaves `buf` unallocated again when it held
+    /// no data, so waiting holds no buffer either way.
     pub async fn read_lazy(
         &mut self,
         buf: &mut BytesMut,
         want: usize,
         prefix: usize,
         settle: usize,
+        scratch_first: bool,
     ) -> io::Result<usize> {
         loop {
             let read = match self {
                 ReadSide::Tcp(r) => {
                     r.readable().await?;
-                    read_ready(r.as_ref(), buf, want, prefix, settle)
+                    read_ready(r.as_ref(), buf, want, prefix, settle, scratch_first)
                 }
                 ReadSide::Unix(r) => {
                     r.readable().await?;
-                    read_ready(r.as_ref(), buf, want, prefix, settle)
+                    read_ready(r.as_ref(), buf, want, prefix, settle, scratch_first)
                 }
                 ReadSide::Stream(r) => return read_stream(r.as_mut(), buf, want, prefix).await,
             };
             match read {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if buf.len() <= prefix {
+                        // Nothing came: no buffer is held while waiting.
+                        *buf = BytesMut::new();
+                    }
+                }
                 other => return other,
             }
         }

@@ -100,7 +100,7 @@ async fn short_reads_settle_and_later_data_still_arrives() {
     b.write_all(b"key").await.expect("write");
     let mut buf = BytesMut::new();
     let n = side
-        .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096)
+        .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096, true)
         .await
         .expect("read");
     assert_eq!((n, &buf[HEADROOM..]), (3, &b"key"[..]));
@@ -113,7 +113,7 @@ async fn short_reads_settle_and_later_data_still_arrives() {
     let mut buf = BytesMut::new();
     let n = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        side.read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096),
+        side.read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096, true),
     )
     .await
     .expect("the later bytes woke the reader")
@@ -131,7 +131,7 @@ async fn short_reads_settle_and_later_data_still_arrives() {
         let mut buf = BytesMut::new();
         calls += 1;
         let n = side
-            .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096)
+            .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096, true)
             .await
             .expect("read");
         assert_eq!(n, buf.len() - HEADROOM);
@@ -139,6 +139,44 @@ async fn short_reads_settle_and_later_data_still_arrives() {
     }
     assert!(got == data, "bytes differ");
     assert_eq!(calls, 1, "the full first read took the rest in place");
+}
+
+/// A stream's next read (`scratch_first` false) goes straight into a buffer of its own, and
+/// when the socket turns out to be empty that buffer is given back before waiting: a viewer
+/// whose stream stopped holds no buffer.
+#[tokio::test]
+async fn a_streams_read_holds_no_buffer_while_waiting() {
+    let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
+    let (r, _w) = a.into_split();
+    let mut side = ReadSide::Unix(r);
+    let data: Vec<u8> = (0..8192).map(|i| (i % 251) as u8).collect();
+    b.write_all(&data).await.expect("write");
+    let mut buf = BytesMut::new();
+    let n = side
+        .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096, false)
+        .await
+        .expect("read");
+    assert_eq!(n, data.len());
+    assert!(buf[HEADROOM..] == data[..], "bytes differ");
+    // A read of 8 KiB (at least `settle`) keeps the socket marked readable, so the next
+    // call reads at once, finds nothing, and must wait without a buffer.
+    let mut buf = BytesMut::new();
+    {
+        let read = side.read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096, false);
+        tokio::pin!(read);
+        assert!(
+            futures_util::poll!(read.as_mut()).is_pending(),
+            "nothing was sent"
+        );
+    }
+    assert_eq!(buf.capacity(), 0, "a buffer was held while waiting");
+    // Data sent later still arrives, whole, in one read.
+    b.write_all(b"more").await.expect("write");
+    let n = side
+        .read_lazy(&mut buf, 32 * 1024, HEADROOM, 4096, false)
+        .await
+        .expect("read");
+    assert_eq!((n, &buf[HEADROOM..]), (4, &b"more"[..]));
 }
 
 /// The same frames through an in-memory stream (`ReadSide::Stream`, as a TLS stream is
