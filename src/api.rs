@@ -258,6 +258,9 @@ async fn refuse_declared_oversize(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_none() && request.headers().contains_key(header::TRANSFER_ENCODING) {
+        return refuse_oversize_chunked(request, next).await;
+    }
     let Some(declared) = declared.filter(|&n| n > MAX_BODY as u64) else {
         return next.run(request).await;
     };
@@ -274,6 +277,48 @@ async fn refuse_declared_oversize(
         while let Some(Ok(_)) = body.frame().await {}
     }
     ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024)).into_response()
+}
+
+/// A body of undeclared length (chunked) is read here, up to [`MAX_BODY`], and handed on
+/// whole; past that it is read on and dropped up to [`DRAIN_BEFORE_REFUSING`] before the 400,
+/// so a client still sending gets the answer rather than a reset.
+async fn refuse_oversize_chunked(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = request.into_parts();
+    let mut kept = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            // Cut short or malformed (or past the body deadline): nothing is acted on.
+            return ApiError::invalid(
+                "cannot read the request body: it ended early or is malformed",
+            )
+            .into_response();
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= MAX_BODY {
+            kept.extend_from_slice(&data);
+        } else if seen > DRAIN_BEFORE_REFUSING {
+            break;
+        } else {
+            kept = bytes::BytesMut::new();
+        }
+    }
+    if seen > MAX_BODY {
+        return ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024))
+            .into_response();
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(kept.freeze()),
+    ))
+    .await
 }
 
 async fn not_found() -> ApiError {

@@ -192,6 +192,48 @@ async fn a_declared_oversize_body_is_refused_at_once() {
         }
         assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400 "));
         assert_eq!(gate.session_count().await, 0);
+        // The same for a chunked body (no declared length): 300 KB in 4 KiB chunks, all sent
+        // before the answer is read.
+        let mut s = tokio::net::TcpStream::connect(gate.api)
+            .await
+            .expect("connect");
+        s.write_all(b"POST /v1/sessions HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .expect("head");
+        for _ in 0..75 {
+            s.write_all(b"1000\r\n").await.expect("chunk size");
+            s.write_all(&[b' '; 4096]).await.expect("the whole body is taken");
+            s.write_all(b"\r\n").await.expect("chunk end");
+        }
+        s.write_all(b"0\r\n\r\n").await.expect("last chunk");
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).contains("KiB") {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert!(text.contains("request body exceeds 64 KiB"), "{text}");
+        assert_eq!(gate.session_count().await, 0);
+        // A chunked body within the limit is read whole and acted on.
+        let fake = FakeVnc::tcp(Mode::Echo).await;
+        let json = format!("{{\"vm_id\": \"vm-chunked\", \"target\": \"{}\"}}", fake.target);
+        let (first, rest) = json.split_at(10);
+        let mut s = tokio::net::TcpStream::connect(gate.api)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST /v1/sessions HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n{:x}\r\n{rest}\r\n0\r\n\r\n",
+            first.len(),
+            rest.len()
+        );
+        s.write_all(request.as_bytes()).await.expect("request");
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.expect("answer");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 201 "), "{text}");
+        assert_eq!(gate.session_count().await, 1);
     })
     .await;
 }
