@@ -349,8 +349,7 @@ impl ApiClient {
         if json {
             return Ok(pretty(&report));
         }
-        let empty = Vec::new();
-        let closed = report["closed"].as_array().unwrap_or(&empty);
+        let closed = required(&report, "closed", serde_json::Value::as_array)?;
         let mut out = format!(
             "checked {} session(s) without viewers in {} ms; closed {}",
             report["checked"],
@@ -393,8 +392,7 @@ impl ApiClient {
         if json {
             return Ok(pretty(&value));
         }
-        let empty = Vec::new();
-        let sessions = value["sessions"].as_array().unwrap_or(&empty);
+        let sessions = required(&value, "sessions", serde_json::Value::as_array)?;
         let rows: Vec<Vec<String>> = sessions
             .iter()
             .map(|s| {
@@ -433,6 +431,7 @@ impl ApiClient {
         if json {
             return Ok(pretty(&s));
         }
+        required(&s, "active_sessions", serde_json::Value::as_u64)?;
         let p = &s["port_pool"];
         let mut out = String::new();
         let _ = writeln!(out, "health:        {}", text(&s["system_health"]));
@@ -481,6 +480,20 @@ impl ApiClient {
         }
         Ok(out)
     }
+}
+
+/// The field `key` of a 200 answer, of the shape `get` reads. An answer without it did not
+/// come from vncgate's API (something else listens there): [`ClientError::BadAnswer`], not an
+/// empty table.
+fn required<'a, T>(
+    answer: &'a serde_json::Value,
+    key: &str,
+    get: impl FnOnce(&'a serde_json::Value) -> Option<T>,
+) -> Result<T, ClientError> {
+    get(&answer[key]).ok_or_else(|| ClientError::BadAnswer {
+        status: 200,
+        body: answer.to_string(),
+    })
 }
 
 #[cfg(test)]

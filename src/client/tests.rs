@@ -96,3 +96,40 @@ async fn a_huge_junk_answer_is_quoted_short() {
     assert!(text.len() < 1024, "{} bytes of message", text.len());
     let _ = server.await;
 }
+
+/// A 200 answer that is JSON but not the shape the command reads (another service on the
+/// API's port) is an error naming it, never an empty table.
+#[tokio::test]
+async fn a_wrong_shaped_answer_is_an_error_not_an_empty_table() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        for _ in 0..3 {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head).await;
+            let body = r#"{"items": []}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    let client = ApiClient::new(&format!("http://{addr}"), None, None).expect("client");
+    for err in [
+        client.list(false).await.expect_err("list"),
+        client.status(false).await.expect_err("status"),
+        client.cleanup(false).await.expect_err("cleanup"),
+    ] {
+        assert!(
+            matches!(err, ClientError::BadAnswer { status: 200, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(r#"{"items":[]}"#), "{err}");
+    }
+    let _ = server.await;
+}
