@@ -34,6 +34,7 @@ use crate::ws::{FrameReader, FrameWriter, ReadSide};
 
 mod handshake;
 pub mod public;
+mod send_buffer;
 
 use handshake::{Refusal, accept_websocket, forbidden, wants_websocket};
 
@@ -325,12 +326,14 @@ async fn serve_viewer(
     let leftover = parts.read_buf;
     match parts.io.into_inner().into_inner().into_inner() {
         ClientStream::Plain(tcp) => {
+            send_buffer::tune(&tcp);
             // The fast path: the socket's halves, read in place when readable.
             let (r, w) = tcp.into_split();
             let reader = FrameReader::new(ReadSide::Tcp(r), leftover, relay::MAX_CLIENT_FRAME);
             relay_viewer(reader, FrameWriter::new(w), peer, ticket, &session, &ctx).await;
         }
         ClientStream::Tls(tls) => {
+            send_buffer::tune(tls.get_ref().0);
             let (r, w) = tokio::io::split(*tls);
             let reader = FrameReader::new(
                 ReadSide::Stream(Box::new(r)),
