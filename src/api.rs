@@ -237,7 +237,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(refuse_declared_oversize))
+        .layer(axum::middleware::from_fn(refuse_oversize))
         .with_state(state)
 }
 
@@ -248,8 +248,9 @@ const DRAIN_BEFORE_REFUSING: usize = 1 << 20;
 
 /// A body declared larger than [`MAX_BODY`] is refused as one that arrives too large would be,
 /// without handing it to the routes. One declared past [`DRAIN_BEFORE_REFUSING`] is refused at
-/// once, rather than after waiting (up to the body deadline) for bytes nobody will take.
-async fn refuse_declared_oversize(
+/// once, rather than after waiting (up to the body deadline) for bytes nobody will take. A
+/// chunked POST body goes to [`refuse_oversize_chunked`].
+async fn refuse_oversize(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -258,7 +259,10 @@ async fn refuse_declared_oversize(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_none() && request.headers().contains_key(header::TRANSFER_ENCODING) {
+    if declared.is_none()
+        && request.method() == axum::http::Method::POST
+        && request.headers().contains_key(header::TRANSFER_ENCODING)
+    {
         return refuse_oversize_chunked(request, next).await;
     }
     let Some(declared) = declared.filter(|&n| n > MAX_BODY as u64) else {
@@ -279,24 +283,28 @@ async fn refuse_declared_oversize(
     ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024)).into_response()
 }
 
-/// A body of undeclared length (chunked) is read here, up to [`MAX_BODY`], and handed on
-/// whole; past that it is read on and dropped up to [`DRAIN_BEFORE_REFUSING`] before the 400,
-/// so a client still sending gets the answer rather than a reset.
+/// A POST body of undeclared length (chunked) is read here, up to [`MAX_BODY`], and handed on
+/// whole with its length; past that it is read on and dropped up to [`DRAIN_BEFORE_REFUSING`]
+/// before the 400, so a client still sending gets the answer rather than a reset. (Other
+/// methods take no body; theirs is left to hyper.)
 async fn refuse_oversize_chunked(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     use http_body_util::BodyExt;
-    let (parts, mut body) = request.into_parts();
+    let (mut parts, mut body) = request.into_parts();
     let mut kept = bytes::BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            // Cut short or malformed (or past the body deadline): nothing is acted on.
-            return ApiError::invalid(
-                "cannot read the request body: it ended early or is malformed",
-            )
-            .into_response();
+        let frame = match frame {
+            Ok(frame) => frame,
+            // Already too large: that is the answer, however the rest went.
+            Err(_) if seen > MAX_BODY => break,
+            // Cut short, malformed, or past the body deadline: nothing is acted on.
+            Err(err) => {
+                return ApiError::invalid(format!("cannot read the request body: {err}"))
+                    .into_response();
+            }
         };
         let Ok(data) = frame.into_data() else {
             continue; // trailers
@@ -314,6 +322,11 @@ async fn refuse_oversize_chunked(
         return ApiError::invalid(format!("request body exceeds {} KiB", MAX_BODY / 1024))
             .into_response();
     }
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts.headers.insert(
+        header::CONTENT_LENGTH,
+        axum::http::HeaderValue::from(kept.len()),
+    );
     next.run(axum::extract::Request::from_parts(
         parts,
         axum::body::Body::from(kept.freeze()),

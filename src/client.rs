@@ -268,20 +268,9 @@ impl ApiClient {
         let value: Value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).map_err(|_| {
-                let mut body = String::from_utf8_lossy(&bytes).into_owned();
-                if body.len() > QUOTED_ANSWER {
-                    let mut end = QUOTED_ANSWER;
-                    while !body.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    body.truncate(end);
-                    body.push_str(&format!("... ({} bytes in all)", bytes.len()));
-                }
-                ClientError::BadAnswer {
-                    status: status.as_u16(),
-                    body,
-                }
+            serde_json::from_slice(&bytes).map_err(|_| ClientError::BadAnswer {
+                status: status.as_u16(),
+                body: quoted(&String::from_utf8_lossy(&bytes)),
             })?
         };
         if status.is_success() {
@@ -343,13 +332,14 @@ impl ApiClient {
 
     /// `vncgate cleanup`: runs a cleanup pass now and says what it closed.
     pub async fn cleanup(&self, json: bool) -> Result<String, ClientError> {
-        let (_, report) = self
+        let answer = self
             .call_within(CLEANUP_CALL_TIMEOUT, Method::POST, "/v1/cleanup", None)
             .await?;
+        let closed = required(&answer, "closed", Value::as_array)?;
+        let report = &answer.1;
         if json {
-            return Ok(pretty(&report));
+            return Ok(pretty(report));
         }
-        let closed = required(&report, "closed", serde_json::Value::as_array)?;
         let mut out = format!(
             "checked {} session(s) without viewers in {} ms; closed {}",
             report["checked"],
@@ -388,11 +378,11 @@ impl ApiClient {
 
     /// `vncgate list`.
     pub async fn list(&self, json: bool) -> Result<String, ClientError> {
-        let (_, value) = self.call(Method::GET, "/v1/sessions", None).await?;
+        let answer = self.call(Method::GET, "/v1/sessions", None).await?;
+        let sessions = required(&answer, "sessions", Value::as_array)?;
         if json {
-            return Ok(pretty(&value));
+            return Ok(pretty(&answer.1));
         }
-        let sessions = required(&value, "sessions", serde_json::Value::as_array)?;
         let rows: Vec<Vec<String>> = sessions
             .iter()
             .map(|s| {
@@ -427,11 +417,12 @@ impl ApiClient {
 
     /// `vncgate status`.
     pub async fn status(&self, json: bool) -> Result<String, ClientError> {
-        let (_, s) = self.call(Method::GET, "/v1/status", None).await?;
+        let answer = self.call(Method::GET, "/v1/status", None).await?;
+        required(&answer, "active_sessions", Value::as_u64)?;
+        let s = &answer.1;
         if json {
-            return Ok(pretty(&s));
+            return Ok(pretty(s));
         }
-        required(&s, "active_sessions", serde_json::Value::as_u64)?;
         let p = &s["port_pool"];
         let mut out = String::new();
         let _ = writeln!(out, "health:        {}", text(&s["system_health"]));
@@ -486,14 +477,26 @@ impl ApiClient {
 /// come from vncgate's API (something else listens there): [`ClientError::BadAnswer`], not an
 /// empty table.
 fn required<'a, T>(
-    answer: &'a serde_json::Value,
+    (status, answer): &'a (StatusCode, Value),
     key: &str,
-    get: impl FnOnce(&'a serde_json::Value) -> Option<T>,
+    get: impl FnOnce(&'a Value) -> Option<T>,
 ) -> Result<T, ClientError> {
     get(&answer[key]).ok_or_else(|| ClientError::BadAnswer {
-        status: 200,
-        body: answer.to_string(),
+        status: status.as_u16(),
+        body: quoted(&answer.to_string()),
     })
+}
+
+/// `body` cut to [`QUOTED_ANSWER`] bytes (at a character boundary), with its size if cut.
+fn quoted(body: &str) -> String {
+    if body.len() <= QUOTED_ANSWER {
+        return body.to_owned();
+    }
+    let mut end = QUOTED_ANSWER;
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &body[..end], body.len())
 }
 
 #[cfg(test)]

@@ -63,6 +63,9 @@ pub struct Config {
     /// `--session-ports`: `false` (`off`) binds no pool ports; sessions live on the public
     /// port only (requires `public_listen`).
     pub session_ports: bool,
+    /// `--viewer-send-buffer`: `true` (`auto`) fixes a viewer socket's send buffer at Linux's
+    /// autotuning ceiling where the host allows it; `false` (`off`) leaves it to autotuning.
+    pub viewer_send_buffer: bool,
     /// WebSocket ping period; two missed pongs drop the connection.
     pub ping_interval: Duration,
     /// Live viewers per session port.
@@ -136,6 +139,7 @@ impl Default for Config {
             public_listen: None,
             public_base_url: None,
             session_ports: true,
+            viewer_send_buffer: true,
             ping_interval: DEFAULT_PING_INTERVAL,
             max_connections_per_session: DEFAULT_MAX_CONNECTIONS_PER_SESSION,
             idle_timeout: None,
@@ -304,6 +308,10 @@ pub struct ServeArgs {
     /// on, or off: no pool ports, sessions only on the public port (needs --public-listen) [default: on]
     #[arg(long, env = "VNCGATE_SESSION_PORTS")]
     pub session_ports: Option<String>,
+    /// auto: a viewer socket's send buffer at Linux's autotuning ceiling (capped at 4 MiB) where
+    /// net.core.wmem_max allows it; off: left to autotuning [default: auto]
+    #[arg(long, env = "VNCGATE_VIEWER_SEND_BUFFER")]
+    pub viewer_send_buffer: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags (kebab-case; snake_case accepted too).
@@ -376,6 +384,8 @@ struct FileConfig {
     public_base_url: Option<String>,
     #[serde(alias = "session_ports")]
     session_ports: Option<String>,
+    #[serde(alias = "viewer_send_buffer")]
+    viewer_send_buffer: Option<String>,
 }
 
 fn value_text(v: toml::Value) -> String {

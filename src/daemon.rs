@@ -255,6 +255,10 @@ impl Daemon {
                 None => PublicBase::Port(port),
             }),
             session_ports: config.session_ports,
+            viewer_send_buffer: config
+                .viewer_send_buffer
+                .then(crate::server::viewer_send_buffer)
+                .flatten(),
         });
         let registry = SessionRegistry::new(
             pool,

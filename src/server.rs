@@ -35,6 +35,7 @@ use crate::ws::{FrameReader, FrameWriter, ReadSide};
 mod handshake;
 pub mod public;
 mod send_buffer;
+pub use send_buffer::viewer_send_buffer;
 
 use handshake::{Refusal, accept_websocket, forbidden, wants_websocket};
 
@@ -65,6 +66,9 @@ pub struct ServerContext {
     pub public: Option<PublicBase>,
     /// `--session-ports`: `false` binds no pool ports.
     pub session_ports: bool,
+    /// `--viewer-send-buffer`: the `SO_SNDBUF` request for viewer sockets, `None` to leave
+    /// them to autotuning ([`viewer_send_buffer`]).
+    pub viewer_send_buffer: Option<usize>,
 }
 
 impl ServerContext {
@@ -326,14 +330,14 @@ async fn serve_viewer(
     let leftover = parts.read_buf;
     match parts.io.into_inner().into_inner().into_inner() {
         ClientStream::Plain(tcp) => {
-            send_buffer::tune(&tcp);
+            send_buffer::tune(&tcp, ctx.viewer_send_buffer, &peer);
             // The fast path: the socket's halves, read in place when readable.
             let (r, w) = tcp.into_split();
             let reader = FrameReader::new(ReadSide::Tcp(r), leftover, relay::MAX_CLIENT_FRAME);
             relay_viewer(reader, FrameWriter::new(w), peer, ticket, &session, &ctx).await;
         }
         ClientStream::Tls(tls) => {
-            send_buffer::tune(tls.get_ref().0);
+            send_buffer::tune(tls.get_ref().0, ctx.viewer_send_buffer, &peer);
             let (r, w) = tokio::io::split(*tls);
             let reader = FrameReader::new(
                 ReadSide::Stream(Box::new(r)),

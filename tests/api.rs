@@ -216,6 +216,23 @@ async fn a_declared_oversize_body_is_refused_at_once() {
         assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
         assert!(text.contains("request body exceeds 64 KiB"), "{text}");
         assert_eq!(gate.session_count().await, 0);
+        // A chunked body that turns malformed is refused, and nothing is opened.
+        let mut s = tokio::net::TcpStream::connect(gate.api)
+            .await
+            .expect("connect");
+        s.write_all(b"POST /v1/sessions HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"vm_\r\nzz\r\n")
+            .await
+            .expect("request");
+        let mut answer = Vec::new();
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") || !String::from_utf8_lossy(&answer).contains('}') {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed without an answer: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert!(text.contains("cannot read the request body"), "{text}");
+        assert_eq!(gate.session_count().await, 0);
         // A chunked body within the limit is read whole and acted on.
         let fake = FakeVnc::tcp(Mode::Echo).await;
         let json = format!("{{\"vm_id\": \"vm-chunked\", \"target\": \"{}\"}}", fake.target);

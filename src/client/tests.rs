@@ -107,7 +107,7 @@ async fn a_wrong_shaped_answer_is_an_error_not_an_empty_table() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
-        for _ in 0..3 {
+        for _ in 0..6 {
             let (mut s, _) = listener.accept().await.expect("accept");
             let mut head = [0u8; 1024];
             let _ = s.read(&mut head).await;
@@ -120,11 +120,14 @@ async fn a_wrong_shaped_answer_is_an_error_not_an_empty_table() {
         }
     });
     let client = ApiClient::new(&format!("http://{addr}"), None, None).expect("client");
-    for err in [
-        client.list(false).await.expect_err("list"),
-        client.status(false).await.expect_err("status"),
-        client.cleanup(false).await.expect_err("cleanup"),
-    ] {
+    let mut errors = Vec::new();
+    // The tables and --json alike: a script reading --json must not take it as vncgate's.
+    for json in [false, true] {
+        errors.push(client.list(json).await.expect_err("list"));
+        errors.push(client.status(json).await.expect_err("status"));
+        errors.push(client.cleanup(json).await.expect_err("cleanup"));
+    }
+    for err in errors {
         assert!(
             matches!(err, ClientError::BadAnswer { status: 200, .. }),
             "{err}"

@@ -44,6 +44,13 @@ impl ServeArgs {
             }
             config.public_base_url = Some(parse_base_url(&v)?);
         }
+        if let Some(v) = pick(&self.viewer_send_buffer, file.viewer_send_buffer) {
+            config.viewer_send_buffer = match v.trim() {
+                "auto" => true,
+                "off" => false,
+                _ => return Err(invalid("--viewer-send-buffer", &v, "expected auto or off")),
+            };
+        }
         if let Some(v) = pick(&self.session_ports, file.session_ports) {
             config.session_ports = match v.trim() {
                 "on" => true,

@@ -210,3 +210,35 @@ fn public_port_flags() {
         Some("https://vnc.example/consoles")
     );
 }
+
+#[test]
+fn viewer_send_buffer_flag() {
+    assert!(
+        ServeArgs::default()
+            .resolve()
+            .expect("valid")
+            .viewer_send_buffer
+    );
+    let off = ServeArgs {
+        viewer_send_buffer: Some("off".into()),
+        ..Default::default()
+    };
+    assert!(!off.resolve().expect("valid").viewer_send_buffer);
+    let auto = ServeArgs {
+        viewer_send_buffer: Some("auto".into()),
+        ..Default::default()
+    };
+    assert!(auto.resolve().expect("valid").viewer_send_buffer);
+    let err = ServeArgs {
+        viewer_send_buffer: Some("4096".into()),
+        ..Default::default()
+    }
+    .resolve()
+    .err()
+    .map(|e| e.to_string());
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("--viewer-send-buffer") && e.contains("auto or off")),
+        "{err:?}"
+    );
+}

@@ -120,7 +120,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
     }
-    let checks: [(&'static str, bool); 26] = [
+    let checks: [(&'static str, bool); 27] = [
         ("--api-listen", differs(&old.api_listen, &new.api_listen)),
         ("--listen-host", differs(&old.listen_host, &new.listen_host)),
         ("--public-host", differs(&old.public_host, &new.public_host)),
@@ -181,6 +181,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "--session-ports",
             differs(&old.session_ports, &new.session_ports),
+        ),
+        (
+            "--viewer-send-buffer",
+            differs(&old.viewer_send_buffer, &new.viewer_send_buffer),
         ),
         (
             "--libvirt-id",
