@@ -148,10 +148,38 @@ async fn bad_input_gets_400_and_changes_nothing() {
     .await;
 }
 
+/// Reads one HTTP answer from `s`: its head and its `content-length` body. Panics if the
+/// connection ends first (a reset where an answer was due).
+async fn read_answer(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&answer);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())
+                        .flatten()
+                })
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                return text.into_owned();
+            }
+        }
+        let n = s.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed without an answer: {text}");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// A body declared over the limit is refused at once, not after the body deadline.
 #[tokio::test]
 async fn a_declared_oversize_body_is_refused_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     bounded(Duration::from_secs(5), async {
         let gate = TestGate::start(1).await;
         let mut s = tokio::net::TcpStream::connect(gate.api)
@@ -162,14 +190,7 @@ async fn a_declared_oversize_body_is_refused_at_once() {
         )
         .await
         .expect("write");
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !String::from_utf8_lossy(&answer).contains("KiB") {
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "closed without an answer: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&chunk[..n]);
-        }
-        let text = String::from_utf8_lossy(&answer);
+        let text = read_answer(&mut s).await;
         assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
         assert!(text.contains("request body exceeds 64 KiB"), "{text}");
         // A body of 300 KB that is all sent is read first, so the answer is not lost to a
@@ -184,13 +205,7 @@ async fn a_declared_oversize_body_is_refused_at_once() {
         );
         s.write_all(head.as_bytes()).await.expect("head");
         s.write_all(&body).await.expect("the whole body is taken");
-        let mut answer = Vec::new();
-        while !String::from_utf8_lossy(&answer).contains("KiB") {
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "closed without an answer");
-            answer.extend_from_slice(&chunk[..n]);
-        }
-        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400 "));
+        assert!(read_answer(&mut s).await.starts_with("HTTP/1.1 400 "));
         assert_eq!(gate.session_count().await, 0);
         // The same for a chunked body (no declared length): 300 KB in 4 KiB chunks, all sent
         // before the answer is read.
@@ -206,13 +221,7 @@ async fn a_declared_oversize_body_is_refused_at_once() {
             s.write_all(b"\r\n").await.expect("chunk end");
         }
         s.write_all(b"0\r\n\r\n").await.expect("last chunk");
-        let mut answer = Vec::new();
-        while !String::from_utf8_lossy(&answer).contains("KiB") {
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "closed without an answer");
-            answer.extend_from_slice(&chunk[..n]);
-        }
-        let text = String::from_utf8_lossy(&answer);
+        let text = read_answer(&mut s).await;
         assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
         assert!(text.contains("request body exceeds 64 KiB"), "{text}");
         assert_eq!(gate.session_count().await, 0);
@@ -223,13 +232,7 @@ async fn a_declared_oversize_body_is_refused_at_once() {
         s.write_all(b"POST /v1/sessions HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"vm_\r\nzz\r\n")
             .await
             .expect("request");
-        let mut answer = Vec::new();
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") || !String::from_utf8_lossy(&answer).contains('}') {
-            let n = s.read(&mut chunk).await.expect("read");
-            assert!(n > 0, "closed without an answer: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&chunk[..n]);
-        }
-        let text = String::from_utf8_lossy(&answer);
+        let text = read_answer(&mut s).await;
         assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
         assert!(text.contains("cannot read the request body"), "{text}");
         assert_eq!(gate.session_count().await, 0);
@@ -246,9 +249,7 @@ async fn a_declared_oversize_body_is_refused_at_once() {
             rest.len()
         );
         s.write_all(request.as_bytes()).await.expect("request");
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer).await.expect("answer");
-        let text = String::from_utf8_lossy(&answer);
+        let text = read_answer(&mut s).await;
         assert!(text.starts_with("HTTP/1.1 201 "), "{text}");
         assert_eq!(gate.session_count().await, 1);
     })

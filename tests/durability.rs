@@ -223,8 +223,11 @@ async fn kill_9_during_200_concurrent_calls_loses_no_acknowledged_change() {
 /// Runs `vncgate serve` with `args` beside `daemon`, on another API port (so a refusal can only
 /// come from the state lock); returns (exit success, stderr) once it exits, within 10 s.
 async fn second_daemon(daemon: &DaemonProcess, mut args: Vec<String>) -> (bool, String) {
-    let api_at = args.iter().position(|a| a == "--api-listen").expect("flag") + 1;
-    args[api_at] = format!("127.0.0.1:{}", daemon.block.spare() - 1);
+    common::set_flag(
+        &mut args,
+        "--api-listen",
+        format!("127.0.0.1:{}", daemon.block.spare() - 1),
+    );
     let out = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
@@ -273,13 +276,7 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
         let real = daemon.state.file();
         let link = daemon.state.0.join("link.json");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        let at = daemon
-            .args
-            .iter()
-            .position(|a| a == "--state-file")
-            .expect("flag")
-            + 1;
-        daemon.args[at] = link.display().to_string();
+        daemon.set_arg("--state-file", link.display().to_string());
         daemon.restart().await;
         daemon.open_ok("vm-after", &fake.target).await;
         let meta = std::fs::symlink_metadata(&link).expect("link");
@@ -294,7 +291,7 @@ async fn a_symlinked_state_file_is_written_and_locked_through() {
         );
         // A second daemon given the real path finds the lock the first took through the link.
         let mut args = daemon.args.clone();
-        args[at] = real.display().to_string();
+        common::set_flag(&mut args, "--state-file", real.display().to_string());
         let (ok, stderr) = second_daemon(&daemon, args).await;
         assert!(!ok);
         assert!(
@@ -398,13 +395,10 @@ async fn a_full_disk_at_start_keeps_the_restored_consoles_up() {
             eprintln!("SKIPPED: cannot mount a tmpfs here (needs CAP_SYS_ADMIN)");
             return;
         };
-        let at = daemon
-            .args
-            .iter()
-            .position(|a| a == "--state-file")
-            .expect("flag")
-            + 1;
-        daemon.args[at] = disk.0.join("state.json").display().to_string();
+        daemon.set_arg(
+            "--state-file",
+            disk.0.join("state.json").display().to_string(),
+        );
         daemon.restart().await;
         let fake = FakeVnc::tcp(Mode::Echo).await;
         for vm in ["vm-a", "vm-b"] {

@@ -63,25 +63,37 @@ async fn a_silent_api_times_out() {
     holder.abort();
 }
 
-/// An answer that is not the API's JSON is quoted, cut to a readable length.
-#[tokio::test]
-async fn a_huge_junk_answer_is_quoted_short() {
+/// A server on loopback that answers each of `connections` connections with `answer`
+/// (a whole HTTP response) after reading its request head.
+async fn fake_api(
+    answer: String,
+    connections: usize,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.expect("accept");
-        let mut head = [0u8; 1024];
-        let _ = s.read(&mut head).await;
-        let junk = "x".repeat(100_000);
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{junk}",
-            junk.len()
-        );
-        let _ = s.write_all(answer.as_bytes()).await;
+        for _ in 0..connections {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head).await;
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
     });
+    (addr, server)
+}
+
+/// An answer that is not the API's JSON is quoted, cut to a readable length.
+#[tokio::test]
+async fn a_huge_junk_answer_is_quoted_short() {
+    let junk = "x".repeat(100_000);
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{junk}",
+        junk.len()
+    );
+    let (addr, server) = fake_api(answer, 1).await;
     let client = ApiClient::new(&format!("http://{addr}"), None, None).expect("client");
     let err = client
         .call(Method::GET, "/v1/sessions", None)
@@ -101,24 +113,12 @@ async fn a_huge_junk_answer_is_quoted_short() {
 /// API's port) is an error naming it, never an empty table.
 #[tokio::test]
 async fn a_wrong_shaped_answer_is_an_error_not_an_empty_table() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move {
-        for _ in 0..6 {
-            let (mut s, _) = listener.accept().await.expect("accept");
-            let mut head = [0u8; 1024];
-            let _ = s.read(&mut head).await;
-            let body = r#"{"items": []}"#;
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(answer.as_bytes()).await;
-        }
-    });
+    let body = r#"{"items": []}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (addr, server) = fake_api(answer, 6).await;
     let client = ApiClient::new(&format!("http://{addr}"), None, None).expect("client");
     let mut errors = Vec::new();
     // The tables and --json alike: a script reading --json must not take it as vncgate's.

@@ -496,6 +496,16 @@ impl Drop for StateDir {
 
 /// The `vncgate` binary running as its own process (for RSS, descriptors, signals and
 /// restarts), killed by PID on drop.
+/// Replaces the value that follows `flag` in `args` (a daemon's command line).
+pub fn set_flag(args: &mut [String], flag: &str, value: String) {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{flag} is not among the daemon's flags"))
+        + 1;
+    args[at] = value;
+}
+
 pub struct DaemonProcess {
     pub child: std::process::Child,
     pub api: SocketAddr,
@@ -646,6 +656,11 @@ impl DaemonProcess {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Replaces the value of `flag` among the flags the next [`DaemonProcess::restart`] uses.
+    pub fn set_arg(&mut self, flag: &str, value: String) {
+        set_flag(&mut self.args, flag, value);
     }
 
     /// Starts the daemon again with the same flags and state file.
