@@ -147,8 +147,9 @@ pub struct Listener {
     pub tracker: TaskTracker,
     /// The span (vm_id, port) every log line of this listener carries.
     pub span: Span,
-    /// The connection caps a client port applies at accept; `None` for the API, which is
-    /// outside them.
+    /// The caps applied at accept: a client port's (`--max-connections`,
+    /// `--max-pending-per-ip`), or the API's own (`API_MAX_CONNECTIONS`, outside
+    /// `--max-connections`); `None` for none.
     pub admission: Option<Admission>,
 }
 
