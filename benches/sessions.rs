@@ -1334,6 +1334,7 @@ fn measure_echo(load: &mut Role, p: &Proxy, n: usize) -> Sample {
     let base = rss_kib(&p.pids);
     let c = load.call(json!({"cmd": "connect", "urls": p.echo_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
+    report_failures(p.name, "echo connects", &c);
     s.handshake_p50_ms = c["handshake_p50_ms"].as_f64();
     s.handshake_p99_ms = c["handshake_p99_ms"].as_f64();
     let connected = c["connected"].as_u64().unwrap_or(0);
@@ -1350,6 +1351,18 @@ fn measure_echo(load: &mut Role, p: &Proxy, n: usize) -> Sample {
     s
 }
 
+/// Says on stderr how many of a phase's connects failed and the first error, so a failure
+/// counted in a row can be told from another.
+fn report_failures(name: &str, phase: &str, answer: &Value) {
+    let failed = answer["failed"].as_u64().unwrap_or(0);
+    if failed > 0 {
+        eprintln!(
+            "    {name}: {failed} {phase} failed, the first: {}",
+            answer["error"]
+        );
+    }
+}
+
 /// The streaming phase: throughput, CPU per GB, fairness; added to the echo phase's `s`.
 fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sample) -> Sample {
     if let Some((stream, _)) = &p.retarget {
@@ -1357,6 +1370,7 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     }
     let c = load.call(json!({"cmd": "connect", "urls": p.stream_urls}));
     s.connect_failed += c["failed"].as_u64().unwrap_or(0);
+    report_failures(p.name, "stream connects", &c);
     let calls = SyscallCount::start(&p.pids);
     let profile = profile_start(&p.pids, p.name, n);
     let t = load.call(
@@ -1371,6 +1385,9 @@ fn measure_stream(load: &mut Role, fake_pid: u32, p: &Proxy, n: usize, mut s: Sa
     s.fairness = t["fairness"].as_f64().unwrap_or(f64::NAN);
     // A load generator that lost the frame boundaries miscounts: a failure, not a figure.
     s.connect_failed += t["framing_errors"].as_u64().unwrap_or(0);
+    if t["framing_errors"].as_u64().unwrap_or(0) > 0 {
+        eprintln!("    {}: {} framing errors", p.name, t["framing_errors"]);
+    }
     let payload_kib = t["bytes"].as_f64().unwrap_or(0.0) / 1024.0;
     s.read_kib = payload_kib / t["reads"].as_f64().unwrap_or(0.0).max(1.0);
     let frames = t["frames"].as_f64().unwrap_or(0.0);
@@ -1534,8 +1551,23 @@ fn orchestrate() {
     // With VNCGATE_BENCH_BASELINE_PUBLIC the other build serves through its public port with
     // --session-ports off, so the A/B reaches past the pool (N = 5000).
     let baseline_public = std::env::var_os("VNCGATE_BENCH_BASELINE_PUBLIC").is_some();
+    // With VNCGATE_BENCH_BASELINE_TLS it serves TLS on its session ports: an A/B of the TLS row.
+    let baseline_tls = !no_tls && std::env::var_os("VNCGATE_BENCH_BASELINE_TLS").is_some();
+    let baseline_name = if baseline_tls {
+        "vncgate-baseline-tls"
+    } else {
+        "vncgate-baseline"
+    };
     let mut baseline_daemon = baseline_exe.as_deref().map(|b| {
-        let (max, extra) = if baseline_public {
+        let (max, extra) = if baseline_tls {
+            let extra = [
+                "--cert".to_string(),
+                cert.clone(),
+                "--key".into(),
+                key.clone(),
+            ];
+            (POOL_SESSIONS, extra.to_vec())
+        } else if baseline_public {
             let extra = [
                 "--public-listen".to_string(),
                 format!("127.0.0.1:{BASELINE_PUBLIC_PORT}"),
@@ -1784,7 +1816,7 @@ fn orchestrate() {
             open_on(BASELINE_API_PORT, n, &targets.0);
             let urls = ws_urls_on(BASELINE_API_PORT);
             proxies.push(Proxy {
-                name: "vncgate-baseline",
+                name: baseline_name,
                 stream_urls: urls.clone(),
                 echo_urls: urls,
                 pids: vec![baseline.id()],
@@ -1912,6 +1944,11 @@ fn orchestrate() {
                 proxies.push(token_routed_websockify("websockify-tls", "wss", port, n, c));
             }
         }
+        // VNCGATE_BENCH_ONLY=tls: only the rows whose name holds that text (a development aid;
+        // the ratios need the relay row of the same kind kept).
+        if let Ok(only) = std::env::var("VNCGATE_BENCH_ONLY") {
+            proxies.retain(|p| p.name.contains(only.as_str()));
+        }
         let mut per_proxy: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         // websockify's rounds come after the others': at N=800 its processes fork, fail and
         // exit for seconds after their phase, which showed in whatever was measured next.
@@ -2010,13 +2047,14 @@ fn orchestrate() {
             }));
         }
         // A/B of this build against the baseline build, round by round (plain rows).
-        let ab_name = if baseline_public {
+        let ab_name = if baseline_tls {
+            "vncgate-tls"
+        } else if baseline_public {
             "vncgate-public"
         } else {
             "vncgate"
         };
-        if let (Some(new), Some(old)) = (per_proxy.get(ab_name), per_proxy.get("vncgate-baseline"))
-        {
+        if let (Some(new), Some(old)) = (per_proxy.get(ab_name), per_proxy.get(baseline_name)) {
             let ratio = |f: &dyn Fn(&Sample) -> f64| {
                 median_spread(
                     &new.iter()

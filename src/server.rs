@@ -39,6 +39,15 @@ pub use send_buffer::viewer_send_buffer;
 
 use handshake::{Refusal, accept_websocket, forbidden, wants_websocket};
 
+/// The most encrypted output rustls queues for one viewer (its default is 64 KiB): room for a
+/// whole relay frame ([`relay::MAX_READ`] plus header and record overhead) while the one before
+/// it is still going out. A frame is then sealed in one go and leaves in one `writev` rather
+/// than one per 64 KiB, so the viewer is woken once for it. Measured at N = 800
+/// (docs/benchmarks.md): system calls per MB 26-34 -> 12-15 and throughput +8%. The cost: a
+/// viewer that stops reading holds up to this much here (a plain viewer's backlog sits in the
+/// kernel's send buffer instead).
+const TLS_SEND_QUEUE: usize = 2 * relay::MAX_READ + 16 * 1024;
+
 /// What every session server shares.
 #[derive(Debug)]
 pub struct ServerContext {
@@ -336,8 +345,9 @@ async fn serve_viewer(
             let reader = FrameReader::new(ReadSide::Tcp(r), leftover, relay::MAX_CLIENT_FRAME);
             relay_viewer(reader, FrameWriter::new(w), peer, ticket, &session, &ctx).await;
         }
-        ClientStream::Tls(tls) => {
+        ClientStream::Tls(mut tls) => {
             send_buffer::tune(tls.get_ref().0, ctx.viewer_send_buffer, &peer);
+            tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_QUEUE));
             let (r, w) = tokio::io::split(*tls);
             let reader = FrameReader::new(
                 ReadSide::Stream(Box::new(r)),

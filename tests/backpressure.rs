@@ -2,10 +2,13 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{DaemonProcess, FakeVnc, GREETING, Mode, bounded, rss_kib};
+use common::tls::{KeyKind, TestCa, connect};
+use common::{DaemonProcess, FakeVnc, GREETING, Mode, StateDir, bounded, rss_kib};
 use futures_util::StreamExt;
 use tokio_tungstenite::connect_async;
 
@@ -25,29 +28,87 @@ async fn a_client_that_never_reads_blocks_the_target_not_the_daemon() {
         let first = ws.next().await.expect("frame").expect("ok").into_data();
         assert_eq!(&first[..GREETING.len().min(first.len())], &GREETING[..first.len().min(GREETING.len())]);
 
-        // Stalled = no progress of the VNC server's writes for a whole second.
-        let mut last = u64::MAX;
-        let mut still_since = tokio::time::Instant::now();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-        loop {
-            let now_written = fake.written.load(Ordering::SeqCst);
-            if now_written != last {
-                last = now_written;
-                still_since = tokio::time::Instant::now();
-            } else if still_since.elapsed() >= Duration::from_secs(1) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the VNC server's writes never blocked");
-            assert!(now_written < STREAM, "all 256 MiB went out: nothing pushed back");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let last = wait_until_stalled(&fake).await;
         let rss_after = rss_kib(daemon.pid());
         let grown = rss_after.saturating_sub(rss_before);
         eprintln!(
             "backpressure: target wrote {} KiB before blocking; daemon RSS {rss_before} -> {rss_after} KiB",
             last / 1024
         );
-        assert!(last < STREAM);
+        assert!(grown < 8 * 1024, "daemon RSS grew by {grown} KiB");
+        drop(ws);
+    })
+    .await;
+}
+
+/// Waits (40 s at most) until the VNC server's writes make no progress for a whole second:
+/// the viewer's stall has reached it. Returns the bytes it wrote; panics if it never blocked.
+async fn wait_until_stalled(fake: &FakeVnc) -> u64 {
+    let mut last = u64::MAX;
+    let mut still_since = tokio::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let now_written = fake.written.load(Ordering::SeqCst);
+        if now_written != last {
+            last = now_written;
+            still_since = tokio::time::Instant::now();
+        } else if still_since.elapsed() >= Duration::from_secs(1) {
+            return last;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the VNC server's writes never blocked"
+        );
+        assert!(
+            now_written < STREAM,
+            "all 256 MiB went out: nothing pushed back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The same over TLS: rustls queues at most one whole frame per viewer (the daemon sets its
+/// limit above the 64 KiB default so a frame goes out in one write), and past that the VNC
+/// server stalls; the daemon does not grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_never_reads_blocks_the_target_not_the_daemon() {
+    bounded(Duration::from_secs(60), async {
+        let ca = TestCa::new("backpressure");
+        let dir = StateDir::new();
+        let (cert, key) = ca.leaf_with(KeyKind::EcdsaPkcs8).write(&dir.0, &ca);
+        let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+        let fake = FakeVnc::tcp(Mode::Stream(STREAM)).await;
+        let daemon = DaemonProcess::spawn(2, &["--cert", &cert, "--key", &key]).await;
+        let session = daemon.open_ok("vm-tls-flood", &fake.target).await;
+        let ws_url = session["ws_url"].as_str().expect("ws_url");
+        assert!(ws_url.starts_with("wss://"), "{ws_url}");
+        let rss_before = rss_kib(daemon.pid());
+        let port: u16 = ws_url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .expect("port in ws_url");
+        let mut client = (*ca.client_config()).clone();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = connect(SocketAddr::from(([127, 0, 0, 1], port)), Arc::new(client))
+            .await
+            .expect("TLS handshake");
+        let (mut ws, _) = tokio_tungstenite::client_async(ws_url, tls)
+            .await
+            .expect("websocket over TLS");
+        let first = ws.next().await.expect("frame").expect("ok").into_data();
+        let n = first.len().min(GREETING.len());
+        assert_eq!(&first[..n], &GREETING[..n]);
+
+        let last = wait_until_stalled(&fake).await;
+        let rss_after = rss_kib(daemon.pid());
+        let grown = rss_after.saturating_sub(rss_before);
+        eprintln!(
+            "TLS backpressure: target wrote {} KiB before blocking; daemon RSS {rss_before} -> {rss_after} KiB",
+            last / 1024
+        );
         assert!(grown < 8 * 1024, "daemon RSS grew by {grown} KiB");
         drop(ws);
     })
