@@ -1550,9 +1550,15 @@ fn orchestrate() {
     let baseline_exe = std::env::var("VNCGATE_BENCH_BASELINE_EXE").ok();
     // With VNCGATE_BENCH_BASELINE_PUBLIC the other build serves through its public port with
     // --session-ports off, so the A/B reaches past the pool (N = 5000).
-    let baseline_public = std::env::var_os("VNCGATE_BENCH_BASELINE_PUBLIC").is_some();
-    // With VNCGATE_BENCH_BASELINE_TLS it serves TLS on its session ports: an A/B of the TLS row.
-    let baseline_tls = !no_tls && std::env::var_os("VNCGATE_BENCH_BASELINE_TLS").is_some();
+    // With VNCGATE_BENCH_BASELINE_TLS it serves TLS on its session ports: an A/B of the TLS row
+    // (it needs the TLS rows, and takes the place of VNCGATE_BENCH_BASELINE_PUBLIC).
+    let baseline_tls = std::env::var_os("VNCGATE_BENCH_BASELINE_TLS").is_some();
+    if baseline_tls && no_tls {
+        eprintln!("VNCGATE_BENCH_BASELINE_TLS is ignored with VNCGATE_BENCH_NO_TLS");
+    }
+    let baseline_tls = baseline_tls && !no_tls;
+    let baseline_public =
+        !baseline_tls && std::env::var_os("VNCGATE_BENCH_BASELINE_PUBLIC").is_some();
     let baseline_name = if baseline_tls {
         "vncgate-baseline-tls"
     } else {
@@ -1944,10 +1950,10 @@ fn orchestrate() {
                 proxies.push(token_routed_websockify("websockify-tls", "wss", port, n, c));
             }
         }
-        // VNCGATE_BENCH_ONLY=tls: only the rows whose name holds that text (a development aid;
-        // the ratios need the relay row of the same kind kept).
+        // VNCGATE_BENCH_ONLY=tls: only the rows whose name holds that text, and the relays the
+        // ratios need (a development aid).
         if let Ok(only) = std::env::var("VNCGATE_BENCH_ONLY") {
-            proxies.retain(|p| p.name.contains(only.as_str()));
+            proxies.retain(|p| p.name.contains(only.as_str()) || p.name.ends_with("-relay"));
         }
         let mut per_proxy: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         // websockify's rounds come after the others': at N=800 its processes fork, fail and
@@ -2074,7 +2080,7 @@ fn orchestrate() {
                 }),
             );
             eprintln!(
-                "  A/B {ab_name} / vncgate-baseline: throughput {:.3}x ({:.3}-{:.3}), CPU per GB {:.3}x, RTT p99 {:.3}x",
+                "  A/B {ab_name} / {baseline_name}: throughput {:.3}x ({:.3}-{:.3}), CPU per GB {:.3}x, RTT p99 {:.3}x",
                 mb.0, mb.1, mb.2, cpu.0, p99.0
             );
         }
@@ -2185,6 +2191,7 @@ fn render_table(doc: &Value) -> String {
                 "websockify-one-process",
                 "tls-relay",
                 "vncgate-tls",
+                "vncgate-baseline-tls",
                 "websockify-tls",
             ] {
                 let p = &r["proxies"][name];

@@ -30,7 +30,7 @@ const MIN_READ: usize = 32 * 1024;
 const SETTLE_READ: usize = 4 * 1024;
 /// Largest read, so largest frame: a full-screen update goes out in few frames and syscalls,
 /// and a viewer that stopped reading holds at most this much here.
-pub const MAX_READ: usize = 256 * 1024;
+pub(crate) const MAX_READ: usize = 256 * 1024;
 /// VNC client messages are small; clipboard text is the largest. A bigger frame is junk.
 pub const MAX_CLIENT_FRAME: u64 = 4 << 20;
 /// How long a close frame may take to go out before the connection is simply dropped.

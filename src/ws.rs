@@ -63,8 +63,17 @@ pub enum Event {
 pub const HEADROOM: usize = 10;
 
 /// Sends frames; owned by one task, so no lock is taken per frame.
+///
+/// A frame being written is held here, not by the caller's future, so that a relay cancelled
+/// mid-frame (session closed while a slow viewer takes a large update) still has its bytes: the
+/// next send or [`FrameWriter::close`] finishes that frame first. A close frame written into
+/// the middle of a data frame would become part of its payload, and the viewer would never see
+/// the close code.
 pub struct FrameWriter<W> {
     io: W,
+    /// The frame in flight (header and payload), and how many of its bytes went out.
+    in_flight: BytesMut,
+    written: usize,
 }
 
 /// The header of an unmasked server frame; returns its length.
@@ -86,12 +95,21 @@ pub(crate) fn encode_header(head: &mut [u8; 10], opcode: u8, len: usize) -> usiz
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(io: W) -> Self {
-        FrameWriter { io }
+        FrameWriter {
+            io,
+            in_flight: BytesMut::new(),
+            written: 0,
+        }
     }
 
     /// One frame whose payload is `buf[HEADROOM..]`; the header is written into the headroom
-    /// and the frame goes out in one write, the payload never copied.
-    pub async fn send_in_place(&mut self, opcode: u8, buf: &mut [u8]) -> io::Result<()> {
+    /// and the frame goes out in one write, the payload never copied. `buf` is handed back
+    /// (for reuse) when the write ends; if this future is dropped first, the writer keeps the
+    /// rest of the frame and sends it before anything else.
+    ///
+    /// Errors: the stream's write error; `InvalidInput` if `buf` is shorter than [`HEADROOM`].
+    pub async fn send_in_place(&mut self, opcode: u8, buf: &mut BytesMut) -> io::Result<()> {
+        self.finish_frame().await?;
         let Some(len) = buf.len().checked_sub(HEADROOM) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -102,12 +120,28 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let n = encode_header(&mut head, opcode, len);
         let start = HEADROOM - n;
         buf[start..HEADROOM].copy_from_slice(&head[..n]);
-        self.io.write_all(&buf[start..]).await
+        self.in_flight = std::mem::take(buf);
+        self.written = start;
+        let result = self.finish_frame().await;
+        *buf = std::mem::take(&mut self.in_flight);
+        result
+    }
+
+    /// Writes what is left of the frame in flight, if any.
+    async fn finish_frame(&mut self) -> io::Result<()> {
+        while self.written < self.in_flight.len() {
+            let n = self.io.write(&self.in_flight[self.written..]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.written += n;
+        }
+        Ok(())
     }
 
     /// One complete frame with a small payload (control frames), copied into one write.
     pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
-        let mut frame = vec![0u8; HEADROOM + payload.len()];
+        let mut frame = BytesMut::zeroed(HEADROOM + payload.len());
         frame[HEADROOM..].copy_from_slice(payload);
         self.send_in_place(opcode, &mut frame).await
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::tls::{KeyKind, TestCa, connect};
+use common::tls::{KeyKind, TestCa, connect, port_of};
 use common::{DaemonProcess, FakeVnc, GREETING, Mode, StateDir, bounded, rss_kib};
 use futures_util::StreamExt;
 use tokio_tungstenite::connect_async;
@@ -67,9 +67,10 @@ async fn wait_until_stalled(fake: &FakeVnc) -> u64 {
     }
 }
 
-/// The same over TLS: rustls queues at most one whole frame per viewer (the daemon sets its
-/// limit above the 64 KiB default so a frame goes out in one write), and past that the VNC
-/// server stalls; the daemon does not grow.
+/// The same over TLS: rustls queues at most one whole frame per viewer (the daemon raises its
+/// 64 KiB default so a frame goes out in one write), and past that the VNC server stalls and
+/// the daemon does not grow. This guards the queue's bound: with no limit rustls would take
+/// every byte and the VNC server would never block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_that_never_reads_blocks_the_target_not_the_daemon() {
     bounded(Duration::from_secs(60), async {
@@ -83,13 +84,7 @@ async fn a_tls_client_that_never_reads_blocks_the_target_not_the_daemon() {
         let ws_url = session["ws_url"].as_str().expect("ws_url");
         assert!(ws_url.starts_with("wss://"), "{ws_url}");
         let rss_before = rss_kib(daemon.pid());
-        let port: u16 = ws_url
-            .split("://")
-            .nth(1)
-            .and_then(|r| r.split('/').next())
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .expect("port in ws_url");
+        let port = port_of(ws_url);
         let mut client = (*ca.client_config()).clone();
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
         let tls = connect(SocketAddr::from(([127, 0, 0, 1], port)), Arc::new(client))

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::tls::{KeyKind, Leaf, TestCa, connect, presented};
+use common::tls::{KeyKind, Leaf, TestCa, connect, port_of, presented};
 use common::{DaemonProcess, FakeVnc, GREETING, Lcg, Mode, StateDir, TestGate, bounded};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -60,14 +60,6 @@ impl Certs {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(config)
     }
-}
-
-fn port_of(url: &str) -> u16 {
-    let authority = url.split("://").nth(1).and_then(|r| r.split('/').next());
-    authority
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {url}"))
 }
 
 /// A WebSocket over TLS to `ws_url` (a `wss://127.0.0.1:PORT/...` URL).

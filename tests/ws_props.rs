@@ -521,7 +521,7 @@ proptest! {
         rt.block_on(async {
             let mut w = FrameWriter::new(&mut wire);
             for c in &chunks {
-                let mut buf = vec![0u8; HEADROOM];
+                let mut buf = bytes::BytesMut::zeroed(HEADROOM);
                 buf.extend_from_slice(c);
                 w.send_in_place(OP_BINARY, &mut buf).await.unwrap();
             }

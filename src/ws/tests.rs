@@ -359,3 +359,48 @@ async fn frames_are_written_with_the_right_headers() {
         assert!(payload.iter().all(|&x| x == 7));
     }
 }
+
+/// A relay cancelled while a large frame is half written (a slow viewer, then the session
+/// closes): the close frame must come after the whole data frame, not inside its payload.
+#[tokio::test]
+async fn a_close_after_a_frame_cut_short_finishes_that_frame_first() {
+    use futures_util::FutureExt;
+    // 4 KiB of pipe: the 64 KiB frame cannot go out at once while nobody reads.
+    let (a, mut b) = tokio::io::duplex(4096);
+    let mut w = FrameWriter::new(a);
+    let payload: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+    let mut buf = BytesMut::zeroed(HEADROOM);
+    buf.extend_from_slice(&payload);
+    // One poll writes what fits, then the future is dropped, as a cancelled relay's is.
+    assert!(
+        w.send_in_place(OP_BINARY, &mut buf)
+            .now_or_never()
+            .is_none(),
+        "the frame should not fit into the pipe at once"
+    );
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut b, &mut out)
+            .await
+            .expect("read");
+        out
+    });
+    w.close(1001, "session closed").await.expect("close");
+    drop(w);
+    let out = reader.await.expect("reader");
+    // 0x82, 127-form length (65536 > 65535), then the payload, whole.
+    assert_eq!(out[0], 0x82);
+    assert_eq!(out[1], 127);
+    assert_eq!(
+        u64::from_be_bytes(out[2..10].try_into().expect("len")),
+        65_536
+    );
+    assert!(
+        out[10..10 + 65_536] == payload[..],
+        "the data frame's payload changed"
+    );
+    let close = &out[10 + 65_536..];
+    assert_eq!(close[0], 0x88, "a close frame follows the data frame");
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1001);
+    assert_eq!(&close[4..], b"session closed");
+}

@@ -226,3 +226,13 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// The port of a `ws://`/`wss://`/`https://` URL with an explicit port (what the daemon's
+/// `url` and `ws_url` carry); panics naming the URL otherwise.
+pub fn port_of(url: &str) -> u16 {
+    let authority = url.split("://").nth(1).and_then(|r| r.split('/').next());
+    authority
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
+}
