@@ -42,10 +42,11 @@ use handshake::{Refusal, accept_websocket, forbidden, wants_websocket};
 /// The most encrypted output rustls queues for one viewer (its default is 64 KiB): one whole
 /// relay frame ([`relay::MAX_READ`] plus header and record overhead). A frame is then sealed in
 /// one go and leaves in one `writev` rather than one per 64 KiB, so the viewer is woken once
-/// for it: at N = 800, system calls per MB 26-33 -> 15-20, and throughput 0.96-1.10x the 64 KiB
-/// build's in four A/B runs (docs/benchmarks.md, "The TLS send queue"). The cost: a TLS viewer that stops
-/// reading holds up to this much here besides the relay's own frame (a plain viewer's backlog
-/// sits in the kernel's send buffer instead), and a close must wait for it to drain.
+/// for it: at N = 800, system calls per MB 26-33 -> 15-20, and throughput 0.96-1.10x the
+/// 64 KiB build's in four A/B runs (docs/benchmarks.md, "The TLS send queue"). The cost: a TLS
+/// viewer that stops reading holds up to this much here besides the relay's own frame (a plain
+/// viewer's backlog sits in the kernel's send buffer instead), and a close must wait for it to
+/// drain.
 const TLS_SEND_QUEUE: usize = relay::MAX_READ + 16 * 1024;
 
 /// What every session server shares.

@@ -25,20 +25,39 @@ async fn a_client_that_never_reads_blocks_the_target_not_the_daemon() {
             .await
             .expect("connect");
         // Read just the first frame, then never again.
-        let first = ws.next().await.expect("frame").expect("ok").into_data();
-        assert_eq!(&first[..GREETING.len().min(first.len())], &GREETING[..first.len().min(GREETING.len())]);
-
-        let last = wait_until_stalled(&fake).await;
-        let rss_after = rss_kib(daemon.pid());
-        let grown = rss_after.saturating_sub(rss_before);
-        eprintln!(
-            "backpressure: target wrote {} KiB before blocking; daemon RSS {rss_before} -> {rss_after} KiB",
-            last / 1024
-        );
-        assert!(grown < 8 * 1024, "daemon RSS grew by {grown} KiB");
+        read_greeting_frame(&mut ws).await;
+        stalls_without_growing("backpressure", &fake, &daemon, rss_before).await;
         drop(ws);
     })
     .await;
+}
+
+/// Reads one frame and checks it starts the RFB greeting (or is a prefix of it).
+async fn read_greeting_frame<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let first = ws.next().await.expect("frame").expect("ok").into_data();
+    let n = first.len().min(GREETING.len());
+    assert_eq!(&first[..n], &GREETING[..n]);
+}
+
+/// The viewer has stopped reading: the VNC server's writes must stall, and the daemon's RSS
+/// must have grown by less than 8 MiB since `rss_before` (KiB).
+async fn stalls_without_growing(
+    label: &str,
+    fake: &FakeVnc,
+    daemon: &DaemonProcess,
+    rss_before: u64,
+) {
+    let last = wait_until_stalled(fake).await;
+    let rss_after = rss_kib(daemon.pid());
+    let grown = rss_after.saturating_sub(rss_before);
+    eprintln!(
+        "{label}: target wrote {} KiB before blocking; daemon RSS {rss_before} -> {rss_after} KiB",
+        last / 1024
+    );
+    assert!(grown < 8 * 1024, "daemon RSS grew by {grown} KiB");
 }
 
 /// Waits (40 s at most) until the VNC server's writes make no progress for a whole second:
@@ -93,18 +112,8 @@ async fn a_tls_client_that_never_reads_blocks_the_target_not_the_daemon() {
         let (mut ws, _) = tokio_tungstenite::client_async(ws_url, tls)
             .await
             .expect("websocket over TLS");
-        let first = ws.next().await.expect("frame").expect("ok").into_data();
-        let n = first.len().min(GREETING.len());
-        assert_eq!(&first[..n], &GREETING[..n]);
-
-        let last = wait_until_stalled(&fake).await;
-        let rss_after = rss_kib(daemon.pid());
-        let grown = rss_after.saturating_sub(rss_before);
-        eprintln!(
-            "TLS backpressure: target wrote {} KiB before blocking; daemon RSS {rss_before} -> {rss_after} KiB",
-            last / 1024
-        );
-        assert!(grown < 8 * 1024, "daemon RSS grew by {grown} KiB");
+        read_greeting_frame(&mut ws).await;
+        stalls_without_growing("TLS backpressure", &fake, &daemon, rss_before).await;
         drop(ws);
     })
     .await;
