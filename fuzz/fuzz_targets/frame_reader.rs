@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::arbitrary::{Result as ArbResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -345,7 +345,7 @@ fn server_to_client(data: &[u8]) {
             match o {
                 Out::Data(d) => {
                     // As the relay sends VNC data: payload behind the header room.
-                    let mut buf = vec![0u8; HEADROOM];
+                    let mut buf = BytesMut::zeroed(HEADROOM);
                     buf.extend_from_slice(d);
                     w.send_in_place(OP_BINARY, &mut buf).await.unwrap();
                 }
