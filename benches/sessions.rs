@@ -1684,11 +1684,21 @@ fn orchestrate() {
                     })
                     .unwrap_or_default();
                 let relay_urls = vec![format!("tcp://127.0.0.1:{}", rports[1]); n];
+                // With TLS, the TLS relay and the TLS daemon too (their own pair, alternating).
+                let tls_pair = tls_daemon.as_ref().map(|d| {
+                    open_on(TLS_API_PORT, n, &format!("127.0.0.1:{echo_port}"));
+                    let tls_relay_urls = vec![format!("tls://127.0.0.1:{}", tls_rports[1]); n];
+                    (tls_relay_urls, ws_urls_on(TLS_API_PORT), d.id())
+                });
                 for round in 0..rounds {
-                    let mut order = [
+                    let mut order = vec![
                         ("tcp-relay", &relay_urls, relay_pid),
                         ("vncgate", &urls, daemon_pid),
                     ];
+                    if let Some((relay, daemon, pid)) = &tls_pair {
+                        order.push(("tls-relay", relay, tls_relay_pid));
+                        order.push(("vncgate-tls", daemon, *pid));
+                    }
                     if round % 2 == 1 {
                         order.reverse();
                     }
@@ -1699,7 +1709,7 @@ fn orchestrate() {
                         let cpu = cpu_seconds(&[pid]) - cpu0;
                         load.call(json!({"cmd": "disconnect"}));
                         eprintln!(
-                            "  round {round} {name:<10} connected {} rtt p50 {:.3} p90 {:.3} p99 {:.3} p999 {:.3} max {:.3} ms, {} samples, {} errors, proxy cpu {:.3} s",
+                            "  round {round} {name:<12} connected {} rtt p50 {:.3} p90 {:.3} p99 {:.3} p999 {:.3} max {:.3} ms, {} samples, {} errors, proxy cpu {:.3} s",
                             c["connected"],
                             r["p50_ms"].as_f64().unwrap_or(f64::NAN),
                             r["p90_ms"].as_f64().unwrap_or(f64::NAN),
@@ -1713,6 +1723,9 @@ fn orchestrate() {
                     }
                 }
                 close_all(n);
+                if tls_pair.is_some() {
+                    close_on(TLS_API_PORT, n);
+                }
                 continue;
             }
         }
