@@ -11,7 +11,8 @@
 //! open), `VNCGATE_BENCH_NO_WEBSOCKIFY=1`, `VNCGATE_BENCH_EXE=path` (another vncgate build),
 //! `VNCGATE_BENCH_DAEMON_LOG=warn,vncgate::state=debug` (the daemon's `RUST_LOG`; that one logs
 //! each state commit's duration and batch size), `VNCGATE_BENCH_RTT_ONLY=1` (round trips only,
-//! relay against vncgate, and the TLS relay against vncgate with TLS), `VNCGATE_BENCH_NO_TLS=1` (skip the TLS rows),
+//! relay against vncgate, and the TLS relay against vncgate with TLS),
+//! `VNCGATE_BENCH_NO_TLS=1` (skip the TLS rows),
 //! `VNCGATE_BENCH_BASELINE_EXE=path` (another vncgate build measured beside this one in the same
 //! run, rows `vncgate-baseline`: the A/B of a change), `VNCGATE_BENCH_SYSCALLS=recvfrom,...`
 //! (those system calls counted one by one, per MB), `VNCGATE_BENCH_PROFILE=DIR` (a `perf
